@@ -1,0 +1,88 @@
+//! The ingress's refusals: each maps to a status and a JSON body
+//! `{"error": CODE, "message": ...}` and is logged once with its source.
+
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+
+use super::{key, verify};
+use crate::broker;
+
+/// What a client should wait before retrying after a 503, in seconds.
+const RETRY_AFTER_SECS: &str = "5";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    Key(key::Error),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    Signature(verify::Error),
+    #[error("unknown source")]
+    UnknownSource,
+    #[error("method not allowed: use POST")]
+    MethodNotAllowed,
+    #[error("body larger than ingress.max_body_bytes")]
+    TooLarge,
+    #[error("too many requests in flight")]
+    Overloaded,
+    #[error("the broker did not take the message: {0}")]
+    Broker(broker::Error),
+}
+
+impl Error {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::Key(_) | Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::Signature(_) => StatusCode::UNAUTHORIZED,
+            Self::UnknownSource => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::Overloaded | Self::Broker(_) => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Key(_) | Self::BadRequest(_) => "invalid_request",
+            Self::Signature(_) => "invalid_signature",
+            Self::UnknownSource => "unknown_source",
+            Self::MethodNotAllowed => "method_not_allowed",
+            Self::TooLarge => "payload_too_large",
+            Self::Overloaded => "overloaded",
+            Self::Broker(_) => "broker_unavailable",
+        }
+    }
+
+    /// Once per refusal: client mistakes at debug/info, our own trouble at warn.
+    pub fn log(&self, source: &str) {
+        match self {
+            Self::Broker(_) | Self::Overloaded => {
+                tracing::warn!(source, code = self.code(), "refused: {self}")
+            }
+            Self::Signature(_) => tracing::info!(source, code = self.code(), "refused: {self}"),
+            _ => tracing::debug!(source, code = self.code(), "refused: {self}"),
+        }
+    }
+}
+
+impl IntoResponse for Error {
+    fn into_response(self) -> Response {
+        let body = axum::Json(serde_json::json!({
+            "error": self.code(),
+            "message": self.to_string(),
+        }));
+        let mut resp = (self.status(), body).into_response();
+        if self.status() == StatusCode::SERVICE_UNAVAILABLE {
+            resp.headers_mut().insert(
+                header::RETRY_AFTER,
+                header::HeaderValue::from_static(RETRY_AFTER_SECS),
+            );
+        }
+        if self.status() == StatusCode::METHOD_NOT_ALLOWED {
+            resp.headers_mut()
+                .insert(header::ALLOW, header::HeaderValue::from_static("POST"));
+        }
+        resp
+    }
+}

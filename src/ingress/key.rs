@@ -1,0 +1,206 @@
+//! The idempotency key: `SOURCE ":" ID`, with ID from the first present of the
+//! source's `id_header`, its `id_json_pointer`, `Idempotency-Key`, `webhook-id`,
+//! `X-GitHub-Delivery`, `X-Event-Id`, else the hex SHA-256 of the body.
+//!
+//! Pure: headers and body in, key out. It does not verify anything; the
+//! signature check runs before it.
+
+use axum::http::HeaderMap;
+use sha2::{Digest, Sha256};
+
+use crate::config::SourceSettings;
+use crate::message::DedupKey;
+
+/// Well-known event-id headers, in the SPEC's order of precedence.
+const ID_HEADERS: [&str; 4] = [
+    "idempotency-key",
+    "webhook-id",
+    "x-github-delivery",
+    "x-event-id",
+];
+
+/// An id longer than this is replaced by its hash, so keys stay small in SQLite
+/// and in AMQP headers whatever a client sends.
+const MAX_ID_BYTES: usize = 256;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum Error {
+    #[error("the body is not JSON, but this source takes its event id from {pointer}")]
+    NotJson { pointer: String },
+    #[error("the body has no event id at {pointer} (a string or a number is needed)")]
+    MissingBodyId { pointer: String },
+}
+
+fn header_id(headers: &HeaderMap, name: &str) -> Option<String> {
+    let v = headers.get(name)?.to_str().ok()?.trim();
+    (!v.is_empty()).then(|| v.to_string())
+}
+
+fn bounded(id: String) -> String {
+    if id.len() <= MAX_ID_BYTES {
+        id
+    } else {
+        format!("sha256:{}", hex::encode(Sha256::digest(id.as_bytes())))
+    }
+}
+
+pub fn derive(
+    source: &str,
+    settings: Option<&SourceSettings>,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<DedupKey, Error> {
+    let make = |id: String| DedupKey(format!("{source}:{}", bounded(id)));
+    if let Some(h) = settings.and_then(|s| s.id_header.as_deref())
+        && let Some(id) = header_id(headers, h)
+    {
+        return Ok(make(id));
+    }
+    if let Some(pointer) = settings.and_then(|s| s.id_json_pointer.as_deref()) {
+        let json: serde_json::Value = serde_json::from_slice(body).map_err(|_| Error::NotJson {
+            pointer: pointer.to_string(),
+        })?;
+        let id = match json.pointer(pointer) {
+            Some(serde_json::Value::String(s)) if !s.is_empty() => s.clone(),
+            Some(serde_json::Value::Number(n)) => n.to_string(),
+            _ => {
+                return Err(Error::MissingBodyId {
+                    pointer: pointer.to_string(),
+                });
+            }
+        };
+        return Ok(make(id));
+    }
+    for h in ID_HEADERS {
+        if let Some(id) = header_id(headers, h) {
+            return Ok(make(id));
+        }
+    }
+    Ok(DedupKey(format!(
+        "{source}:{}",
+        hex::encode(Sha256::digest(body))
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderValue;
+    use proptest::prelude::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                axum::http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    fn source(id_header: Option<&str>, pointer: Option<&str>) -> SourceSettings {
+        SourceSettings {
+            id_header: id_header.map(Into::into),
+            id_json_pointer: pointer.map(Into::into),
+            ..Default::default()
+        }
+    }
+
+    const BODY: &[u8] =
+        br#"{"id":"evt_1","n":7,"data":{"object":{"id":"obj_9"}},"list":["a"],"empty":""}"#;
+
+    #[test]
+    fn precedence_table() {
+        let all = [
+            ("x-my-id", "mine"),
+            ("idempotency-key", "idem"),
+            ("webhook-id", "wh"),
+            ("x-github-delivery", "gh"),
+            ("x-event-id", "ev"),
+        ];
+        let cases: Vec<(Option<&str>, Option<&str>, usize, &str)> = vec![
+            // (id_header, pointer, headers skipped from the front, expected id)
+            (Some("x-my-id"), Some("/id"), 0, "mine"),
+            (Some("x-my-id"), Some("/id"), 1, "evt_1"),
+            (None, Some("/data/object/id"), 0, "obj_9"),
+            (None, Some("/n"), 0, "7"),
+            (None, None, 0, "idem"),
+            (None, None, 1, "idem"),
+            (None, None, 2, "wh"),
+            (None, None, 3, "gh"),
+            (None, None, 4, "ev"),
+            (Some("x-absent"), None, 1, "idem"),
+        ];
+        for (idh, ptr, skip, want) in cases {
+            let h = headers(&all[skip..]);
+            let k = derive("src", Some(&source(idh, ptr)), &h, BODY).unwrap();
+            assert_eq!(k.0, format!("src:{want}"), "{idh:?} {ptr:?} skip={skip}");
+        }
+    }
+
+    #[test]
+    fn body_hash_is_the_fallback() {
+        let k = derive("s", None, &HeaderMap::new(), b"hello").unwrap();
+        assert_eq!(
+            k.0,
+            "s:2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"
+        );
+        // Blank headers do not count as present.
+        let k2 = derive("s", None, &headers(&[("idempotency-key", "  ")]), b"hello").unwrap();
+        assert_eq!(k, k2);
+    }
+
+    #[test]
+    fn json_pointer_errors() {
+        let s = source(None, Some("/id"));
+        let h = HeaderMap::new();
+        assert_eq!(
+            derive("s", Some(&s), &h, b"not json").unwrap_err(),
+            Error::NotJson {
+                pointer: "/id".into()
+            }
+        );
+        for body in [
+            &br#"{"other":1}"#[..],
+            br#"{"id":""}"#,
+            br#"{"id":{"a":1}}"#,
+            br#"{"id":null}"#,
+            b"[1]",
+        ] {
+            assert!(matches!(
+                derive("s", Some(&s), &h, body),
+                Err(Error::MissingBodyId { .. })
+            ));
+        }
+        // RFC 6901 escapes.
+        let s = source(None, Some("/a~1b/c~0d"));
+        let k = derive("s", Some(&s), &h, br#"{"a/b":{"c~d":"x"}}"#).unwrap();
+        assert_eq!(k.0, "s:x");
+    }
+
+    #[test]
+    fn long_ids_are_hashed() {
+        let long = "x".repeat(1000);
+        let k = derive("s", None, &headers(&[("idempotency-key", &long)]), b"").unwrap();
+        assert!(k.0.starts_with("s:sha256:") && k.0.len() < 100, "{}", k.0);
+    }
+
+    proptest! {
+        #[test]
+        fn never_panics(
+            value in proptest::collection::vec(any::<u8>(), 0..64),
+            body in proptest::collection::vec(any::<u8>(), 0..256),
+            pointer in "(/[a-z~0-9]{0,4}){0,3}",
+        ) {
+            let mut h = HeaderMap::new();
+            if let Ok(v) = HeaderValue::from_bytes(&value) {
+                h.insert("idempotency-key", v.clone());
+                h.insert("x-id", v);
+            }
+            let s = source(Some("x-id"), Some(&pointer));
+            let _ = derive("s", Some(&s), &h, &body);
+            let _ = derive("s", None, &h, &body);
+        }
+    }
+}

@@ -1,0 +1,216 @@
+//! The HTTP ingress: `POST /hooks/{source}` -> verify -> key -> publish with
+//! confirm -> 202. It never calls the user's application and never answers 2xx
+//! for a message the broker has not confirmed.
+//!
+//! Cheap refusals come first (unknown source, declared length over the limit,
+//! too many requests in flight) so hostile traffic costs little.
+
+pub mod error;
+pub mod key;
+pub mod verify;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use tokio::sync::Semaphore;
+
+pub use error::Error;
+
+use crate::broker::Broker;
+use crate::config::{Settings, SourceSettings, valid_source_name};
+use crate::message::{Envelope, is_forwardable_header};
+use crate::metrics::{Metrics, RequestLabels};
+use verify::Verifier;
+
+/// Requests handled at once; beyond it the ingress sheds load with 503 rather
+/// than queueing without bound.
+pub const MAX_IN_FLIGHT: usize = 4096;
+/// A client has this long to send its whole body.
+pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+struct Source {
+    settings: SourceSettings,
+    verifier: Verifier,
+}
+
+/// What every request handler needs, built once at start-up.
+pub struct App {
+    broker: Broker,
+    sources: HashMap<String, Source>,
+    allow_unknown: bool,
+    unknown: SourceSettings,
+    unknown_verifier: Verifier,
+    max_body: usize,
+    publish_timeout: Duration,
+    in_flight: Semaphore,
+    metrics: Arc<Metrics>,
+}
+
+impl App {
+    pub fn new(
+        settings: &Settings,
+        broker: Broker,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<Arc<Self>> {
+        let mut sources = HashMap::new();
+        for (name, s) in &settings.sources {
+            sources.insert(
+                name.clone(),
+                Source {
+                    settings: s.clone(),
+                    verifier: s.verifier(name)?,
+                },
+            );
+        }
+        let unknown = SourceSettings::default();
+        Ok(Arc::new(Self {
+            broker,
+            sources,
+            allow_unknown: settings.ingress.allow_unknown_sources,
+            unknown_verifier: unknown.verifier("unknown")?,
+            unknown,
+            max_body: settings.ingress.max_body_bytes,
+            publish_timeout: settings.ingress.publish_timeout(),
+            in_flight: Semaphore::new(MAX_IN_FLIGHT),
+            metrics,
+        }))
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.broker.is_ready()
+    }
+
+    pub fn reconnects(&self) -> u64 {
+        self.broker.reconnects()
+    }
+}
+
+pub fn router(app: Arc<App>) -> Router {
+    Router::new()
+        .route(
+            "/hooks/{source}",
+            post(receive).fallback(method_not_allowed),
+        )
+        .with_state(app)
+}
+
+async fn method_not_allowed() -> Response {
+    Error::MethodNotAllowed.into_response()
+}
+
+async fn receive(
+    State(app): State<Arc<App>>,
+    Path(source): Path<String>,
+    req: Request,
+) -> Response {
+    let result = accept(&app, &source, req).await;
+    let (status, code) = match &result {
+        Ok(_) => (StatusCode::ACCEPTED, ""),
+        Err(e) => (e.status(), e.code()),
+    };
+    // Label by source only when it is a configured one: arbitrary names from the
+    // internet must not grow the metric families without bound.
+    let label = if app.sources.contains_key(&source) {
+        source.clone()
+    } else {
+        "_other".into()
+    };
+    app.metrics
+        .requests
+        .get_or_create(&RequestLabels {
+            source: label,
+            status: status.as_u16(),
+            code: code.into(),
+        })
+        .inc();
+    match result {
+        Ok(r) => r,
+        Err(e) => {
+            e.log(&source);
+            e.into_response()
+        }
+    }
+}
+
+async fn accept(app: &App, source: &str, req: Request) -> Result<Response, Error> {
+    let _permit = app.in_flight.try_acquire().map_err(|_| Error::Overloaded)?;
+    let (settings, verifier) = match app.sources.get(source) {
+        Some(s) => (&s.settings, &s.verifier),
+        None if app.allow_unknown && valid_source_name(source) => {
+            (&app.unknown, &app.unknown_verifier)
+        }
+        None => return Err(Error::UnknownSource),
+    };
+    let (parts, body) = req.into_parts();
+    let body = read_body(body, &parts.headers, app.max_body).await?;
+    verifier
+        .verify(&parts.headers, &body, SystemTime::now())
+        .map_err(Error::Signature)?;
+    let key = key::derive(source, Some(settings), &parts.headers, &body).map_err(Error::Key)?;
+
+    let content_type = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let headers = parts
+        .headers
+        .iter()
+        .filter(|(k, _)| is_forwardable_header(k.as_str()))
+        .filter_map(|(k, v)| {
+            v.to_str()
+                .ok()
+                .map(|v| (k.as_str().to_string(), v.to_string()))
+        })
+        .collect();
+    let env = Envelope::received(source, key, body, content_type, headers);
+
+    let started = Instant::now();
+    app.broker
+        .publish_webhook(&env, app.publish_timeout)
+        .await
+        .map_err(Error::Broker)?;
+    app.metrics
+        .publish_seconds
+        .observe(started.elapsed().as_secs_f64());
+    tracing::debug!(message_id = %env.message_id, key = %env.key, source, "accepted");
+    Ok((
+        StatusCode::ACCEPTED,
+        axum::Json(serde_json::json!({ "id": env.message_id.0, "key": env.key.0 })),
+    )
+        .into_response())
+}
+
+/// Reads the body up to `max` bytes: a declared length over the limit is refused
+/// before reading anything, a longer stream as soon as it passes the limit, and a
+/// client that sends too slowly is cut off.
+async fn read_body(body: Body, headers: &HeaderMap, max: usize) -> Result<Vec<u8>, Error> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max as u64) {
+        return Err(Error::TooLarge);
+    }
+    let read = axum::body::to_bytes(body, max);
+    match tokio::time::timeout(BODY_READ_TIMEOUT, read).await {
+        Err(_) => Err(Error::BadRequest("the body did not arrive in time".into())),
+        Ok(Ok(b)) => Ok(b.to_vec()),
+        Ok(Err(e)) => {
+            let too_large = std::error::Error::source(&e)
+                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+            if too_large {
+                Err(Error::TooLarge)
+            } else {
+                Err(Error::BadRequest(format!("could not read the body: {e}")))
+            }
+        }
+    }
+}

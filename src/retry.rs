@@ -1,0 +1,281 @@
+//! The retry policy, pure: (failed deliveries so far, what went wrong) -> what to
+//! do next. No I/O and no clock, so it is tested with a table.
+//!
+//! Of `max_attempts` deliveries, the first `inline_attempts` happen in-process
+//! with a short doubling backoff; after that each retry waits in a broker delay
+//! queue (the k-th broker retry uses `delays_ms[min(k-1, last)]`). A
+//! `Retry-After` from the target is a floor on the wait: a wait longer than the
+//! in-process backoff moves the message to the smallest tier at least that long.
+
+use std::time::Duration;
+
+use backon::ExponentialBuilder;
+
+use crate::config::RetrySettings;
+use crate::message::DeadReason;
+
+/// How a delivery attempt failed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Failure {
+    /// Worth trying again (408, 425, 429, 5xx, timeout, connection error).
+    Retryable { retry_after: Option<Duration> },
+    /// The target refused it for good (any other non-2xx).
+    Permanent,
+}
+
+/// What to do after a failed attempt.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// Try again in this process after the given (unjittered) wait.
+    Inline(Duration),
+    /// Republish to the delay tier with this index; the message must wait at
+    /// least `floor` (the target's Retry-After) there.
+    Delay {
+        tier: usize,
+        floor: Option<Duration>,
+    },
+    Dead(DeadReason),
+}
+
+#[derive(Clone, Debug)]
+pub struct Policy {
+    pub max_attempts: u32,
+    pub inline_attempts: u32,
+    pub inline_delay: Duration,
+    pub tiers: Vec<Duration>,
+    pub jitter: f64,
+}
+
+impl Policy {
+    pub fn new(s: &RetrySettings) -> Self {
+        Self {
+            max_attempts: s.max_attempts,
+            inline_attempts: s.inline_attempts,
+            inline_delay: Duration::from_millis(s.inline_delay_ms),
+            tiers: s
+                .delays_ms
+                .iter()
+                .map(|&ms| Duration::from_millis(ms))
+                .collect(),
+            jitter: s.jitter,
+        }
+    }
+
+    /// The in-process backoff schedule, for `backon`: doubling from
+    /// `inline_delay`, jitter applied by [`Policy::jittered`] instead of backon's
+    /// own (which only adds, up to 100%).
+    pub fn inline_backoff(&self) -> ExponentialBuilder {
+        ExponentialBuilder::default()
+            .with_min_delay(self.inline_delay)
+            .with_factor(2.0)
+            .with_max_times(self.inline_attempts.saturating_sub(1) as usize)
+    }
+
+    /// The in-process wait before attempt `failed + 1`.
+    fn inline_wait(&self, failed: u32) -> Duration {
+        self.inline_delay
+            .saturating_mul(2u32.saturating_pow(failed.saturating_sub(1)))
+    }
+
+    /// `failed`: failed deliveries so far, this one included (>= 1).
+    pub fn after_failure(&self, failed: u32, failure: &Failure) -> Decision {
+        let retry_after = match failure {
+            Failure::Permanent => return Decision::Dead(DeadReason::Rejected),
+            Failure::Retryable { retry_after } => *retry_after,
+        };
+        if failed >= self.max_attempts {
+            return Decision::Dead(DeadReason::MaxAttempts);
+        }
+        let inline = self.inline_wait(failed);
+        if failed < self.inline_attempts && retry_after.is_none_or(|ra| ra <= inline) {
+            return Decision::Inline(inline.max(retry_after.unwrap_or_default()));
+        }
+        let k = failed.saturating_sub(self.inline_attempts) as usize; // 0-based broker retry
+        let last = self.tiers.len().saturating_sub(1);
+        let mut tier = k.min(last);
+        if let Some(ra) = retry_after {
+            let fits = self.tiers.iter().position(|&t| t >= ra).unwrap_or(last);
+            tier = tier.max(fits);
+        }
+        Decision::Delay {
+            tier,
+            floor: retry_after,
+        }
+    }
+
+    /// `d` moved by up to ± jitter; `u` is uniform in [0, 1). Never below `floor`:
+    /// jitter only adds to a Retry-After.
+    pub fn jittered(&self, d: Duration, u: f64, floor: Option<Duration>) -> Duration {
+        let factor = 1.0 + self.jitter * (2.0 * u - 1.0);
+        d.mul_f64(factor.max(0.0)).max(floor.unwrap_or_default())
+    }
+
+    /// The per-message expiry inside a delay tier: the tier's TTL shortened by up to
+    /// `jitter` (a queue TTL can only be shortened per message), never below `floor`.
+    pub fn tier_expiration(&self, tier: usize, u: f64, floor: Option<Duration>) -> Duration {
+        let d = self.tiers[tier.min(self.tiers.len() - 1)];
+        d.mul_f64(1.0 - self.jitter * u)
+            .max(floor.unwrap_or_default())
+            .min(d)
+    }
+}
+
+/// `Retry-After` as seconds or an HTTP date, relative to `now`.
+pub fn parse_retry_after(value: &str, now: std::time::SystemTime) -> Option<Duration> {
+    let v = value.trim();
+    if let Ok(secs) = v.parse::<u64>() {
+        return Some(Duration::from_secs(secs.min(86_400 * 7)));
+    }
+    let at = httpdate::parse_http_date(v).ok()?;
+    Some(at.duration_since(now).unwrap_or_default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy() -> Policy {
+        Policy::new(&RetrySettings {
+            max_attempts: 6,
+            inline_attempts: 2,
+            inline_delay_ms: 100,
+            delays_ms: vec![1000, 5000, 30_000],
+            jitter: 0.1,
+        })
+    }
+
+    fn retry(ra: Option<u64>) -> Failure {
+        Failure::Retryable {
+            retry_after: ra.map(Duration::from_secs),
+        }
+    }
+
+    #[test]
+    fn decisions_table() {
+        let p = policy();
+        let ms = Duration::from_millis;
+        let s = Duration::from_secs;
+        let cases = [
+            (1, retry(None), Decision::Inline(ms(100))),
+            (
+                2,
+                retry(None),
+                Decision::Delay {
+                    tier: 0,
+                    floor: None,
+                },
+            ),
+            (
+                3,
+                retry(None),
+                Decision::Delay {
+                    tier: 1,
+                    floor: None,
+                },
+            ),
+            (
+                4,
+                retry(None),
+                Decision::Delay {
+                    tier: 2,
+                    floor: None,
+                },
+            ),
+            (
+                5,
+                retry(None),
+                Decision::Delay {
+                    tier: 2,
+                    floor: None,
+                },
+            ),
+            (6, retry(None), Decision::Dead(DeadReason::MaxAttempts)),
+            (1, Failure::Permanent, Decision::Dead(DeadReason::Rejected)),
+            (6, Failure::Permanent, Decision::Dead(DeadReason::Rejected)),
+            // Retry-After longer than the inline wait goes to the broker at once,
+            // to the smallest tier at least that long.
+            (
+                1,
+                retry(Some(3)),
+                Decision::Delay {
+                    tier: 1,
+                    floor: Some(s(3)),
+                },
+            ),
+            (
+                2,
+                retry(Some(1)),
+                Decision::Delay {
+                    tier: 0,
+                    floor: Some(s(1)),
+                },
+            ),
+            (
+                3,
+                retry(Some(1)),
+                Decision::Delay {
+                    tier: 1,
+                    floor: Some(s(1)),
+                },
+            ),
+            // Longer than every tier: the last tier, which the floor then stretches.
+            (
+                2,
+                retry(Some(100)),
+                Decision::Delay {
+                    tier: 2,
+                    floor: Some(s(100)),
+                },
+            ),
+            (1, retry(Some(0)), Decision::Inline(ms(100))),
+        ];
+        for (failed, failure, want) in cases {
+            assert_eq!(
+                p.after_failure(failed, &failure),
+                want,
+                "failed={failed} {failure:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn inline_waits_double() {
+        let mut p = policy();
+        p.inline_attempts = 4;
+        p.max_attempts = 10;
+        let waits: Vec<_> = (1..4)
+            .map(|f| match p.after_failure(f, &retry(None)) {
+                Decision::Inline(d) => d.as_millis(),
+                d => panic!("{d:?}"),
+            })
+            .collect();
+        assert_eq!(waits, [100, 200, 400]);
+    }
+
+    #[test]
+    fn jitter_stays_in_bounds_and_respects_the_floor() {
+        let p = policy();
+        let d = Duration::from_millis(1000);
+        assert_eq!(p.jittered(d, 0.0, None), Duration::from_millis(900));
+        assert_eq!(p.jittered(d, 0.5, None), d);
+        assert!(p.jittered(d, 0.999, None) <= Duration::from_millis(1100));
+        assert_eq!(p.jittered(d, 0.0, Some(d)), d);
+        assert_eq!(p.tier_expiration(0, 0.0, None), d);
+        assert_eq!(p.tier_expiration(0, 0.999, None).as_millis(), 900);
+        assert_eq!(p.tier_expiration(0, 0.999, Some(d)), d);
+    }
+
+    #[test]
+    fn retry_after_parses_seconds_and_dates() {
+        let now = std::time::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        assert_eq!(parse_retry_after("7", now), Some(Duration::from_secs(7)));
+        let later = httpdate::fmt_http_date(now + Duration::from_secs(30));
+        assert_eq!(
+            parse_retry_after(&later, now),
+            Some(Duration::from_secs(30))
+        );
+        let past = httpdate::fmt_http_date(now - Duration::from_secs(30));
+        assert_eq!(parse_retry_after(&past, now), Some(Duration::ZERO));
+        assert_eq!(parse_retry_after("soon", now), None);
+    }
+}

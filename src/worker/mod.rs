@@ -1,0 +1,171 @@
+//! The worker: consume `P.work` with manual acks and a prefetch, process up to
+//! `worker.concurrency` messages at once, and stop gracefully.
+//!
+//! The consume loop survives broker loss: when the consumer ends it waits for
+//! the broker handle to reconnect and consumes again. On shutdown it cancels the
+//! consumer, lets in-flight messages finish for a grace period, then tells the
+//! rest to hand their message back, and closes the channel (which returns any
+//! prefetched, untouched messages to the queue).
+
+mod process;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use process::Settled;
+
+use crate::broker::Broker;
+use crate::config::Settings;
+use crate::dedup::Dedup;
+use crate::handler::Handler;
+use crate::metrics::Metrics;
+use crate::retry::Policy;
+
+/// How long in-flight messages may take to finish after a stop signal.
+pub const GRACE: Duration = Duration::from_secs(20);
+
+pub struct Worker {
+    broker: Broker,
+    dedup: Arc<Dedup>,
+    handler: Handler,
+    policy: Policy,
+    metrics: Arc<Metrics>,
+    /// Confirms for republishes (delay, dead) wait this long.
+    publish_timeout: Duration,
+    concurrency: usize,
+    prefetch: u16,
+    /// Stop taking work (and stop retrying in-process: park retries on the broker).
+    shutdown: CancellationToken,
+    /// The grace period is over: hand back whatever is still held.
+    abandon: CancellationToken,
+}
+
+impl Worker {
+    pub fn new(
+        settings: &Settings,
+        broker: Broker,
+        metrics: Arc<Metrics>,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<Arc<Self>> {
+        Ok(Arc::new(Self {
+            broker,
+            dedup: Arc::new(Dedup::open(&settings.dedup)),
+            handler: Handler::new(settings)?,
+            policy: Policy::new(&settings.retry),
+            metrics,
+            publish_timeout: settings.ingress.publish_timeout(),
+            concurrency: settings.worker.concurrency,
+            prefetch: settings.amqp.prefetch,
+            shutdown,
+            abandon: CancellationToken::new(),
+        }))
+    }
+
+    /// Ready to take work: broker connected and the dedup store writable.
+    pub fn is_ready(&self) -> bool {
+        self.broker.is_ready() && self.dedup.store().is_healthy()
+    }
+
+    pub fn reconnects(&self) -> u64 {
+        self.broker.reconnects()
+    }
+
+    pub fn dedup(&self) -> &Dedup {
+        &self.dedup
+    }
+
+    /// Consumes until `shutdown`, then drains within `grace`.
+    pub async fn run(self: Arc<Self>, grace: Duration) -> anyhow::Result<()> {
+        let queue = self.broker.topology().work_queue.clone();
+        let tracker = TaskTracker::new();
+        let permits = Arc::new(Semaphore::new(self.concurrency));
+        let background = tracker.spawn({
+            let w = self.clone();
+            async move { w.housekeeping().await }
+        });
+
+        'connection: while self.broker.wait_ready(&self.shutdown).await {
+            let mut consumer = match self.broker.consume(&queue, self.prefetch).await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot start consuming; retrying");
+                    tokio::select! {
+                        _ = self.shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
+                    }
+                }
+            };
+            tracing::info!(%queue, prefetch = self.prefetch, concurrency = self.concurrency, "consuming");
+            loop {
+                let permit = tokio::select! {
+                    _ = self.shutdown.cancelled() => break,
+                    p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+                };
+                let msg = tokio::select! {
+                    _ = self.shutdown.cancelled() => break,
+                    m = consumer.next() => m,
+                };
+                let Some(msg) = msg else {
+                    // Channel or connection lost: in-flight messages settle (or are
+                    // redelivered); consume again once the broker is back.
+                    continue 'connection;
+                };
+                let w = self.clone();
+                tracker.spawn(async move {
+                    w.metrics.in_flight.inc();
+                    w.process(msg).await;
+                    w.metrics.in_flight.dec();
+                    drop(permit);
+                });
+            }
+            // Stopping.
+            consumer.cancel().await;
+            self.drain(&tracker, grace).await;
+            consumer.close().await;
+            break;
+        }
+        self.drain(&tracker, grace).await;
+        background.abort();
+        Ok(())
+    }
+
+    async fn drain(&self, tracker: &TaskTracker, grace: Duration) {
+        tracker.close();
+        let in_flight = self.metrics.in_flight.get();
+        if in_flight > 0 {
+            tracing::info!(
+                in_flight,
+                ?grace,
+                "stopping: letting in-flight messages finish"
+            );
+        }
+        if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+            tracing::warn!("grace period over: handing the remaining messages back to the queue");
+            self.abandon.cancel();
+            tracker.wait().await;
+        }
+    }
+
+    /// Prunes old keys and probes a failing store so readiness recovers on its own.
+    async fn housekeeping(&self) {
+        let prune = self
+            .dedup
+            .prune_forever(Duration::from_secs(60), self.shutdown.clone());
+        let probe = async {
+            loop {
+                tokio::select! {
+                    _ = self.shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                }
+                if !self.dedup.store().is_healthy() {
+                    let _ = self.dedup.store().probe().await;
+                }
+            }
+        };
+        tokio::join!(prune, probe);
+    }
+}
