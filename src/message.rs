@@ -20,6 +20,9 @@ pub mod header {
     pub const DEAD_AT: &str = "hookq-dead-at";
     pub const PREVIOUS_DEAD_REASON: &str = "hookq-previous-dead-reason";
     pub const SHOVELLED: &str = "hookq-shovelled";
+    /// Epoch milliseconds before which the message must not be delivered (a
+    /// Retry-After longer than the largest delay tier).
+    pub const NOT_BEFORE: &str = "hookq-not-before";
 }
 
 /// The idempotency key, `SOURCE:ID`.
@@ -119,6 +122,8 @@ pub struct Envelope {
     pub dead: Option<DeadInfo>,
     pub previous_dead_reason: Option<String>,
     pub shovelled: u32,
+    /// Epoch milliseconds; see [`header::NOT_BEFORE`].
+    pub not_before: Option<u64>,
 }
 
 impl Envelope {
@@ -147,6 +152,7 @@ impl Envelope {
             dead: None,
             previous_dead_reason: None,
             shovelled: 0,
+            not_before: None,
         }
     }
 }
@@ -177,4 +183,12 @@ pub fn is_forwardable_header(name: &str) -> bool {
             | "cookie"
             | "expect"
     )
+}
+
+/// Milliseconds since the epoch, now.
+pub fn epoch_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }

@@ -94,13 +94,21 @@ impl Policy {
         let last = self.tiers.len().saturating_sub(1);
         let mut tier = k.min(last);
         if let Some(ra) = retry_after {
-            let fits = self.tiers.iter().position(|&t| t >= ra).unwrap_or(last);
-            tier = tier.max(fits);
+            tier = tier.max(self.tier_at_least(ra));
         }
         Decision::Delay {
             tier,
             floor: retry_after,
         }
+    }
+
+    /// The smallest tier at least `d` long, else the largest (the worker then
+    /// re-delays the message until its not-before time).
+    pub fn tier_at_least(&self, d: Duration) -> usize {
+        self.tiers
+            .iter()
+            .position(|&t| t >= d)
+            .unwrap_or(self.tiers.len().saturating_sub(1))
     }
 
     /// `d` moved by up to ± jitter; `u` is uniform in [0, 1). Never below `floor`:

@@ -48,6 +48,9 @@ pub fn encode(env: &Envelope) -> BasicProperties {
     if let Some(p) = &env.previous_dead_reason {
         h.insert(header::PREVIOUS_DEAD_REASON.into(), ls(p));
     }
+    if let Some(t) = env.not_before {
+        h.insert(header::NOT_BEFORE.into(), AMQPValue::LongLongInt(t as i64));
+    }
     if env.shovelled > 0 {
         h.insert(
             header::SHOVELLED.into(),
@@ -165,6 +168,11 @@ pub fn decode(props: &BasicProperties, body: Vec<u8>) -> Result<Envelope, Decode
         dead,
         previous_dead_reason: text(h, header::PREVIOUS_DEAD_REASON),
         shovelled: count(h, header::SHOVELLED),
+        not_before: h
+            .inner()
+            .get(header::NOT_BEFORE)
+            .and_then(number)
+            .and_then(|n| u64::try_from(n).ok()),
     })
 }
 
@@ -209,6 +217,7 @@ mod tests {
         });
         env.previous_dead_reason = Some("max_attempts".into());
         env.shovelled = 2;
+        env.not_before = Some(1_700_000_000_000);
         let back = decode(&encode(&env), env.body.clone()).unwrap();
         assert_eq!(back.headers, vec![("x-a".to_string(), "1, 2".to_string())]);
         let mut expected = env.clone();

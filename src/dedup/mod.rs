@@ -66,6 +66,10 @@ impl Dedup {
         }
     }
 
+    pub fn retention(&self) -> Duration {
+        self.retention
+    }
+
     pub fn store(&self) -> &Store {
         &self.store
     }

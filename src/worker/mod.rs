@@ -152,9 +152,10 @@ impl Worker {
 
     /// Prunes old keys and probes a failing store so readiness recovers on its own.
     async fn housekeeping(&self) {
-        let prune = self
-            .dedup
-            .prune_forever(Duration::from_secs(60), self.shutdown.clone());
+        // Often enough that a key outlives its retention by at most a quarter of it.
+        let every =
+            (self.dedup.retention() / 4).clamp(Duration::from_millis(100), Duration::from_secs(60));
+        let prune = self.dedup.prune_forever(every, self.shutdown.clone());
         let probe = async {
             loop {
                 tokio::select! {

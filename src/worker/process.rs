@@ -15,7 +15,7 @@ use tracing::Instrument;
 use super::Worker;
 use crate::broker::{Acker, Incoming};
 use crate::dedup::Check;
-use crate::message::{DeadInfo, DeadReason, Envelope, rfc3339_now};
+use crate::message::{DeadInfo, DeadReason, Envelope, epoch_ms, rfc3339_now};
 use crate::retry::Decision;
 
 /// How a message was settled, for tests and logs.
@@ -77,6 +77,23 @@ impl Worker {
             }
         }
 
+        // Back early from a delay tier shorter than the target's Retry-After.
+        if let Some(not_before) = env.not_before {
+            let now = epoch_ms();
+            if not_before > now {
+                let remaining = Duration::from_millis(not_before - now);
+                let tier = self.policy.tier_at_least(remaining);
+                return self
+                    .delay(
+                        env,
+                        tier,
+                        Some(remaining),
+                        acker,
+                        "Retry-After not over yet",
+                    )
+                    .await;
+            }
+        }
         let (result, failed) = self.deliver_inline(&env).await;
         match result {
             Ok(status) => {
@@ -109,13 +126,13 @@ impl Worker {
                     Decision::Delay { tier, floor } => {
                         let mut env = env;
                         env.attempts = failed;
-                        self.delay(env, tier, floor, acker, &e).await
+                        self.delay(env, tier, floor, acker, &e.to_string()).await
                     }
                     // Only reached when stopping: park the retry on the broker.
                     Decision::Inline(_) => {
                         let mut env = env;
                         env.attempts = failed;
-                        self.delay(env, 0, None, acker, &e).await
+                        self.delay(env, 0, None, acker, "stopping").await
                     }
                 }
             }
@@ -160,22 +177,28 @@ impl Worker {
         (result, failed.load(Ordering::Relaxed))
     }
 
+    /// Republishes to a delay tier with confirm, then acks. A `floor` longer than
+    /// the tier (a long Retry-After) is kept as the not-before time, and the
+    /// message is delayed again when it comes back early.
     async fn delay(
         &self,
-        env: Envelope,
+        mut env: Envelope,
         tier: usize,
         floor: Option<Duration>,
         acker: Acker,
-        error: &crate::handler::Error,
+        why: &str,
     ) -> Settled {
         let topo = self.broker.topology();
         let Some(t) = topo.tiers.get(tier).or(topo.tiers.last()) else {
             return self.hand_back(acker).await;
         };
+        env.not_before = floor
+            .filter(|f| *f > t.delay)
+            .map(|f| epoch_ms() + f.as_millis() as u64);
         let expiration = self
             .policy
             .tier_expiration(tier, rand::random::<f64>(), floor);
-        tracing::info!(attempts = env.attempts, queue = %t.queue, wait = ?expiration, %error, "delivery failed; retrying later");
+        tracing::info!(attempts = env.attempts, queue = %t.queue, wait = ?expiration, why, "retrying later");
         match self
             .broker
             .publish_to_queue(&t.queue, &env, Some(expiration), self.publish_timeout)

@@ -1,0 +1,8 @@
+//! Integration tests against the real RabbitMQ on 127.0.0.1:5672, real SQLite
+//! files and real HTTP servers on port 0. Each test has its own amqp.prefix and
+//! temp dir; its queues are deleted when its `TestEnv` drops.
+
+mod support;
+
+mod dedup;
+mod pipeline;

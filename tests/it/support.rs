@@ -1,0 +1,403 @@
+//! Test support: a [`TestEnv`] per test (unique amqp.prefix, temp dir, port-0
+//! listeners, its queues deleted on drop) and a scriptable [`FakeTarget`].
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use hookq::broker::{Broker, Topology};
+use hookq::config::{HandlerKind, QueueType, Settings};
+use hookq::message::Envelope;
+use hookq::serve::{self, Parts, Running};
+use tokio_util::sync::CancellationToken;
+
+pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+/// Polls `cond` every 20 ms until it holds or `within` passes.
+pub async fn wait_until<F, Fut>(within: Duration, what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if cond().await {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {within:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+pub struct TestEnv {
+    pub prefix: String,
+    pub dir: tempfile::TempDir,
+    pub settings: Settings,
+    stops: Mutex<Vec<CancellationToken>>,
+}
+
+impl TestEnv {
+    /// Settings for a test: its own prefix and dedup file, port 0, millisecond
+    /// delay tiers, no jitter (so waits can be asserted), log handler.
+    pub fn new(name: &str) -> Self {
+        let prefix = format!(
+            "t.{name}.{}",
+            &uuid::Uuid::now_v7().simple().to_string()[20..]
+        );
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut s = Settings::default();
+        s.amqp.url = AMQP_URL.into();
+        s.amqp.prefix = prefix.clone();
+        s.amqp.prefetch = 32;
+        s.ingress.listen = "127.0.0.1:0".parse().unwrap();
+        s.ingress.allow_unknown_sources = true;
+        s.ingress.publish_timeout_ms = 3000;
+        s.worker.metrics_listen = "127.0.0.1:0".parse().unwrap();
+        s.worker.handler = HandlerKind::Log;
+        s.worker.timeout_ms = 2000;
+        s.retry.inline_delay_ms = 10;
+        s.retry.delays_ms = vec![100, 200, 400];
+        s.retry.jitter = 0.0;
+        s.dedup.path = dir.path().join("dedup.db");
+        Self {
+            prefix,
+            dir,
+            settings: s,
+            stops: Mutex::new(Vec::new()),
+        }
+    }
+
+    pub fn with_queue_type(mut self, q: QueueType) -> Self {
+        self.settings.amqp.queue_type = q;
+        self
+    }
+
+    pub fn with_target(mut self, url: &str) -> Self {
+        self.settings.worker.handler = HandlerKind::Http;
+        self.settings.worker.target = Some(url.to_string());
+        self
+    }
+
+    pub fn topology(&self) -> Topology {
+        Topology::new(&self.settings.amqp, &self.settings.retry)
+    }
+
+    /// Starts parts of hookq in this process; stopped when the env drops.
+    pub async fn start(&self, parts: Parts) -> Running {
+        let stop = CancellationToken::new();
+        self.stops.lock().unwrap().push(stop.clone());
+        serve::start(&self.settings, parts, stop)
+            .await
+            .expect("start hookq")
+    }
+
+    /// Like [`TestEnv::start`], with the token to stop it by hand.
+    pub async fn start_with(&self, parts: Parts, stop: CancellationToken) -> Running {
+        serve::start(&self.settings, parts, stop)
+            .await
+            .expect("start hookq")
+    }
+
+    /// `up`, waiting until it is ready.
+    pub async fn up(&self) -> Running {
+        let r = self.start(Parts::Up).await;
+        let url = format!("http://{}/readyz", r.ingress_addr.unwrap());
+        wait_until(Duration::from_secs(10), "readyz", || async {
+            reqwest::get(&url)
+                .await
+                .map(|r| r.status() == 200)
+                .unwrap_or(false)
+        })
+        .await;
+        r
+    }
+
+    /// A broker handle on this test's topology (declares it).
+    pub async fn broker(&self) -> Broker {
+        Broker::connect(
+            AMQP_URL,
+            "hookq-test",
+            self.topology(),
+            CancellationToken::new(),
+        )
+        .await
+        .expect("broker")
+    }
+
+    pub async fn queue_len(&self, queue: &str) -> u32 {
+        self.broker()
+            .await
+            .queue_len(queue)
+            .await
+            .expect("queue_len")
+    }
+
+    /// Everything in P.dead, left in place (read, then handed back on close).
+    pub async fn dead_letters(&self) -> Vec<Envelope> {
+        let b = self.broker().await;
+        let r = b.reader().await.unwrap();
+        let mut out = Vec::new();
+        while let Some((m, _)) = r.get(&self.topology().dead()).await.unwrap() {
+            out.push(m.envelope.unwrap_or_else(|(_, e)| e));
+        }
+        r.close().await;
+        out
+    }
+
+    /// Environment for a `hookq` child process with these settings.
+    pub fn child_env(&self) -> Vec<(String, String)> {
+        let s = &self.settings;
+        let mut v = vec![
+            ("HOOKQ__AMQP__URL", s.amqp.url.clone()),
+            ("HOOKQ__AMQP__PREFIX", s.amqp.prefix.clone()),
+            ("HOOKQ__AMQP__PREFETCH", s.amqp.prefetch.to_string()),
+            (
+                "HOOKQ__AMQP__QUEUE_TYPE",
+                match s.amqp.queue_type {
+                    QueueType::Quorum => "quorum".into(),
+                    QueueType::Classic => "classic".into(),
+                },
+            ),
+            ("HOOKQ__INGRESS__LISTEN", "127.0.0.1:0".into()),
+            ("HOOKQ__WORKER__METRICS_LISTEN", "127.0.0.1:0".into()),
+            ("HOOKQ__WORKER__TIMEOUT_MS", s.worker.timeout_ms.to_string()),
+            (
+                "HOOKQ__RETRY__INLINE_DELAY_MS",
+                s.retry.inline_delay_ms.to_string(),
+            ),
+            (
+                "HOOKQ__RETRY__DELAYS_MS",
+                s.retry
+                    .delays_ms
+                    .iter()
+                    .map(|d| d.to_string())
+                    .collect::<Vec<_>>()
+                    .join(","),
+            ),
+            ("HOOKQ__RETRY__JITTER", "0".into()),
+            ("HOOKQ__DEDUP__PATH", s.dedup.path.display().to_string()),
+            ("HOOKQ__INGRESS__ALLOW_UNKNOWN_SOURCES", "true".into()),
+        ];
+        if let Some(t) = &s.worker.target {
+            v.push(("HOOKQ__WORKER__HANDLER", "http".into()));
+            v.push(("HOOKQ__WORKER__TARGET", t.clone()));
+        } else {
+            v.push(("HOOKQ__WORKER__HANDLER", "log".into()));
+        }
+        v.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
+    }
+}
+
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        for s in self.stops.lock().map(|s| s.clone()).unwrap_or_default() {
+            s.cancel();
+        }
+        // Delete what the test declared, from a runtime of its own (Drop is sync).
+        let topo = self.topology();
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                if let Ok(b) = Broker::connect(
+                    AMQP_URL,
+                    "hookq-test-cleanup",
+                    topo,
+                    CancellationToken::new(),
+                )
+                .await
+                {
+                    let _ = b.delete_topology().await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// One request the fake target received.
+#[derive(Clone, Debug)]
+pub struct Received {
+    pub at: Instant,
+    pub headers: HeaderMap,
+    pub body: Vec<u8>,
+}
+
+impl Received {
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    }
+    pub fn key(&self) -> String {
+        self.header("idempotency-key").unwrap_or_default()
+    }
+}
+
+/// Decides the answer to the n-th request (1-based) for a key.
+pub type Script = Arc<dyn Fn(u32, &Received) -> Response + Send + Sync>;
+
+struct TargetState {
+    script: Script,
+    /// Each answer waits this long (a slow application).
+    delay: Duration,
+    log: Mutex<Vec<Received>>,
+    counts: Mutex<HashMap<String, u32>>,
+}
+
+/// A real HTTP server on 127.0.0.1:0 that answers by script and records every request.
+#[derive(Clone)]
+pub struct FakeTarget {
+    pub url: String,
+    state: Arc<TargetState>,
+}
+
+impl FakeTarget {
+    pub async fn start(
+        script: impl Fn(u32, &Received) -> Response + Send + Sync + 'static,
+    ) -> Self {
+        Self::start_slow(Duration::ZERO, script).await
+    }
+
+    pub async fn start_slow(
+        delay: Duration,
+        script: impl Fn(u32, &Received) -> Response + Send + Sync + 'static,
+    ) -> Self {
+        let state = Arc::new(TargetState {
+            delay,
+            script: Arc::new(script),
+            log: Mutex::new(Vec::new()),
+            counts: Mutex::new(HashMap::new()),
+        });
+        let app = axum::Router::new()
+            .fallback(handle)
+            .with_state(state.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr: SocketAddr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Self {
+            url: format!("http://{addr}/webhooks"),
+            state,
+        }
+    }
+
+    /// Always 200.
+    pub async fn ok() -> Self {
+        Self::start(|_, _| StatusCode::OK.into_response()).await
+    }
+
+    pub fn received(&self) -> Vec<Received> {
+        self.state.log.lock().unwrap().clone()
+    }
+
+    pub fn for_key(&self, key: &str) -> Vec<Received> {
+        self.received()
+            .into_iter()
+            .filter(|r| r.key() == key)
+            .collect()
+    }
+
+    pub fn count(&self) -> usize {
+        self.state.log.lock().unwrap().len()
+    }
+
+    /// 2xx answers per key.
+    pub fn successes(&self) -> HashMap<String, u32> {
+        let mut m = HashMap::new();
+        for r in self.received() {
+            if r.header("x-fake-answer").as_deref() == Some("2xx") {
+                *m.entry(r.key()).or_default() += 1;
+            }
+        }
+        m
+    }
+}
+
+async fn handle(State(state): State<Arc<TargetState>>, req: Request) -> Response {
+    let (parts, body) = req.into_parts();
+    let body = axum::body::to_bytes(body, usize::MAX)
+        .await
+        .unwrap_or_default()
+        .to_vec();
+    let mut rec = Received {
+        at: Instant::now(),
+        headers: parts.headers,
+        body,
+    };
+    let n = {
+        let mut c = state.counts.lock().unwrap();
+        let e = c.entry(rec.key()).or_default();
+        *e += 1;
+        *e
+    };
+    if !state.delay.is_zero() {
+        tokio::time::sleep(state.delay).await;
+    }
+    let resp = (state.script)(n, &rec);
+    if resp.status().is_success() {
+        rec.headers.insert("x-fake-answer", "2xx".parse().unwrap());
+    }
+    state.log.lock().unwrap().push(rec);
+    resp
+}
+
+/// A client for the ingress.
+pub struct Client {
+    pub base: String,
+    pub http: reqwest::Client,
+}
+
+impl Client {
+    pub fn new(addr: SocketAddr) -> Self {
+        Self {
+            base: format!("http://{addr}"),
+            http: reqwest::Client::new(),
+        }
+    }
+
+    pub async fn post(
+        &self,
+        source: &str,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> reqwest::Response {
+        let mut r = self
+            .http
+            .post(format!("{}/hooks/{source}", self.base))
+            .header("content-type", "application/json")
+            .body(body.to_string());
+        for (k, v) in headers {
+            r = r.header(*k, *v);
+        }
+        r.send().await.expect("post")
+    }
+
+    /// Posts and asserts 202; returns the key.
+    pub async fn send(&self, source: &str, id: &str, body: &str) -> String {
+        let r = self.post(source, &[("idempotency-key", id)], body).await;
+        assert_eq!(r.status(), 202, "{:?}", r.text().await);
+        let v: serde_json::Value = r.json().await.unwrap();
+        v["key"].as_str().unwrap().to_string()
+    }
+
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.http
+            .get(format!("{}{path}", self.base))
+            .send()
+            .await
+            .expect("get")
+    }
+}
