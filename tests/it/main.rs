@@ -5,4 +5,6 @@
 mod support;
 
 mod dedup;
+mod operate;
 mod pipeline;
+mod shovel;

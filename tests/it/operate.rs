@@ -1,0 +1,1 @@
+//! Running hookq for real: simulate (filled in by the simulate/bench work).
