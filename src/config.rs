@@ -77,6 +77,8 @@ pub struct IngressSettings {
     pub max_body_bytes: usize,
     pub publish_timeout_ms: u64,
     pub allow_unknown_sources: bool,
+    /// Not in the SPEC's table: requests handled at once before shedding with 503.
+    pub max_in_flight: usize,
 }
 
 impl Default for IngressSettings {
@@ -86,6 +88,7 @@ impl Default for IngressSettings {
             max_body_bytes: 1_048_576,
             publish_timeout_ms: 5000,
             allow_unknown_sources: false,
+            max_in_flight: 4096,
         }
     }
 }
@@ -381,6 +384,12 @@ impl Settings {
         if i.max_body_bytes == 0 {
             return Err(ConfigError::new(
                 "ingress.max_body_bytes",
+                "must be at least 1",
+            ));
+        }
+        if i.max_in_flight == 0 {
+            return Err(ConfigError::new(
+                "ingress.max_in_flight",
                 "must be at least 1",
             ));
         }

@@ -29,9 +29,6 @@ use crate::message::{Envelope, is_forwardable_header};
 use crate::metrics::{Metrics, RequestLabels};
 use verify::Verifier;
 
-/// Requests handled at once; beyond it the ingress sheds load with 503 rather
-/// than queueing without bound.
-pub const MAX_IN_FLIGHT: usize = 4096;
 /// A client has this long to send its whole body.
 pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -78,7 +75,7 @@ impl App {
             unknown,
             max_body: settings.ingress.max_body_bytes,
             publish_timeout: settings.ingress.publish_timeout(),
-            in_flight: Semaphore::new(MAX_IN_FLIGHT),
+            in_flight: Semaphore::new(settings.ingress.max_in_flight),
             metrics,
         }))
     }

@@ -7,4 +7,5 @@ mod support;
 mod dedup;
 mod operate;
 mod pipeline;
+mod security;
 mod shovel;
