@@ -67,14 +67,17 @@ pub async fn start(
         None
     };
 
+    // The broker connections outlive the stop signal: in-flight publishes, acks
+    // and republishes still need them. They close once every part has finished.
+    let connections = CancellationToken::new();
     let app = if ingress_part {
-        let b = Broker::start(url, "hookq-ingress", topology.clone(), shutdown.clone());
+        let b = Broker::start(url, "hookq-ingress", topology.clone(), connections.clone());
         Some(App::new(settings, b, metrics.clone())?)
     } else {
         None
     };
     let worker = if worker_part {
-        let b = Broker::start(url, "hookq-worker", topology.clone(), shutdown.clone());
+        let b = Broker::start(url, "hookq-worker", topology.clone(), connections.clone());
         Some(Worker::new(settings, b, metrics.clone(), shutdown.clone())?)
     } else {
         None

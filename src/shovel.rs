@@ -1,8 +1,507 @@
-//! Dead letters back to work.
+//! `hookq shovel`: dead letters back to the work queue.
+//!
+//! The rule every move keeps: the copy for `P.work` is published and confirmed
+//! by the broker first, and only then is the dead letter acked. A crash or a lost
+//! connection at any point leaves at worst a copy in both queues (which the
+//! worker's dedup absorbs), never a loss.
+//!
+//! Moves are pipelined: up to [`Options::window`] publishes await their confirms
+//! at once, each acking its own dead letter when confirmed, while the next dead
+//! letters are read. Non-matching dead letters are held unacked until the end,
+//! when closing the reader puts them back in their original order.
+
+use std::io::IsTerminal;
 use std::process::ExitCode;
-pub async fn run(
-    _s: &crate::config::Settings,
-    _a: &crate::cli::ShovelArgs,
-) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("not yet")
+use std::time::{Duration, Instant};
+
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::broker::{self, Broker};
+use crate::cli::ShovelArgs;
+use crate::config::{Settings, valid_source_name};
+use crate::dlq::{Counts, DeadLetter, DeadLetters, Row};
+use crate::message::{DeadReason, Envelope};
+
+/// Which dead letters to move; every given criterion must hold.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Filter {
+    pub source: Option<String>,
+    pub reason: Option<DeadReason>,
+    pub key: Option<String>,
+}
+
+/// A command line that cannot mean anything (exit 2).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum UsageError {
+    #[error(
+        "--reason {0:?} is not a dead reason; use one of max_attempts, rejected, delivery_limit, invalid"
+    )]
+    Reason(String),
+    #[error("--source {0:?} is not a source name (1 to 64 of a-z, 0-9, _ and -)")]
+    Source(String),
+}
+
+impl Filter {
+    pub fn from_args(args: &ShovelArgs) -> Result<Self, UsageError> {
+        let reason = match &args.reason {
+            Some(r) => Some(DeadReason::parse(r).ok_or_else(|| UsageError::Reason(r.clone()))?),
+            None => None,
+        };
+        if let Some(s) = &args.source
+            && !valid_source_name(s)
+        {
+            return Err(UsageError::Source(s.clone()));
+        }
+        Ok(Self {
+            source: args.source.clone(),
+            reason,
+            key: args.key.clone(),
+        })
+    }
+
+    /// Whether to move this dead letter. A message that is not a hookq message
+    /// never moves: the worker would only park it again, without what it had.
+    pub fn matches(&self, dl: &DeadLetter) -> bool {
+        if dl.unreadable.is_some() {
+            return false;
+        }
+        let env = &dl.envelope;
+        self.source.as_ref().is_none_or(|s| *s == env.source)
+            && self.key.as_ref().is_none_or(|k| *k == env.key.0)
+            && self
+                .reason
+                .is_none_or(|r| env.dead.as_ref().is_some_and(|d| d.reason == r))
+    }
+}
+
+/// How a run goes.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Move (or, dry, list) at most this many.
+    pub limit: Option<u64>,
+    pub dry_run: bool,
+    /// Each publish's confirm waits this long at most.
+    pub publish_timeout: Duration,
+    /// Moves awaiting their confirm at once. 1 is strictly one by one.
+    pub window: usize,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            limit: None,
+            dry_run: false,
+            publish_timeout: Duration::from_secs(5),
+            window: 64,
+        }
+    }
+}
+
+/// What a run reports as it goes, for a progress bar or a listing.
+#[derive(Debug)]
+pub enum Event<'a> {
+    /// `seen` of at most `total` dead letters looked at.
+    Looked { seen: u64, total: u64 },
+    /// Dry run: this one would move.
+    WouldMove(&'a Row),
+    /// This one is in the work queue (confirmed) and gone from `P.dead`.
+    Moved(&'a Row),
+}
+
+/// What a run did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Summary {
+    /// Dead letters at the start of the run, as far as this run looks.
+    pub total: u64,
+    pub looked_at: u64,
+    /// Moved, by source and reason.
+    pub moved: Counts,
+    /// Dry run: would move, by source and reason.
+    pub would_move: Counts,
+    /// Looked at and left in `P.dead` (not matching, or not a hookq message).
+    pub kept: u64,
+    /// Of `kept`: messages that are not hookq messages at all.
+    pub unreadable: u64,
+}
+
+/// Why a run stopped before its end.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Broker(#[from] broker::Error),
+    #[error("a move stopped unexpectedly: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+/// A run that stopped part way: what it did until then, and why it stopped.
+#[derive(Debug, thiserror::Error)]
+#[error("{error}")]
+pub struct Interrupted {
+    pub summary: Summary,
+    pub error: Error,
+}
+
+/// The work envelope for a dead letter: a fresh start (attempts 0, no dead
+/// information, no pending Retry-After) that remembers where it has been.
+pub fn back_to_work(dead: &Envelope) -> Envelope {
+    let mut env = dead.clone();
+    env.previous_dead_reason = dead.dead.as_ref().map(|d| d.reason.as_str().to_string());
+    env.dead = None;
+    env.attempts = 0;
+    env.not_before = None;
+    env.shovelled = dead.shovelled.saturating_add(1);
+    env
+}
+
+/// Publishes the copy with confirm, then acks the dead letter.
+async fn move_one(broker: Broker, dl: DeadLetter, timeout: Duration) -> Result<(), broker::Error> {
+    let env = back_to_work(&dl.envelope);
+    let work = broker.topology().work();
+    broker.publish_to_queue(&work, &env, None, timeout).await?;
+    dl.acker.ack().await
+}
+
+/// Moves up to `opts.window` dead letters at once, in spawned tasks so that
+/// their confirms and acks proceed while the next dead letter is being read.
+struct Mover {
+    broker: Broker,
+    timeout: Duration,
+    window: usize,
+    running: JoinSet<(Row, Result<(), broker::Error>)>,
+    failed: Option<Error>,
+}
+
+impl Mover {
+    fn start(&mut self, dl: DeadLetter) {
+        let (broker, timeout, row) = (self.broker.clone(), self.timeout, dl.row());
+        self.running
+            .spawn(async move { (row, move_one(broker, dl, timeout).await) });
+    }
+
+    /// Waits for one move to end and records it; false when none is running.
+    async fn settle_one(
+        &mut self,
+        summary: &mut Summary,
+        on_event: &mut (dyn FnMut(Event<'_>) + Send),
+    ) -> bool {
+        let Some(joined) = self.running.join_next().await else {
+            return false;
+        };
+        match joined {
+            Ok((row, Ok(()))) => {
+                summary.moved.add(&row.source, row.reason.as_deref());
+                on_event(Event::Moved(&row));
+            }
+            Ok((_, Err(e))) => {
+                self.failed.get_or_insert(Error::Broker(e));
+            }
+            Err(e) => {
+                self.failed.get_or_insert(Error::Task(e));
+            }
+        }
+        true
+    }
+
+    /// Makes room for one more move (waits while the window is full).
+    async fn make_room(
+        &mut self,
+        summary: &mut Summary,
+        on_event: &mut (dyn FnMut(Event<'_>) + Send),
+    ) {
+        while self.running.len() >= self.window.max(1) {
+            self.settle_one(summary, on_event).await;
+        }
+    }
+
+    async fn drain(&mut self, summary: &mut Summary, on_event: &mut (dyn FnMut(Event<'_>) + Send)) {
+        while self.settle_one(summary, on_event).await {}
+    }
+}
+
+/// Moves the dead letters `filter` matches from `P.dead` to the work queue,
+/// looking at each dead letter present at the start at most once.
+///
+/// On a broker failure it stops starting moves, lets those under way end, puts
+/// the rest back and returns [`Interrupted`] with what was moved: running it
+/// again finishes the job.
+pub async fn shovel(
+    broker: &Broker,
+    filter: &Filter,
+    opts: &Options,
+    on_event: &mut (dyn FnMut(Event<'_>) + Send),
+) -> Result<Summary, Interrupted> {
+    let mut summary = Summary::default();
+    let mut letters = match DeadLetters::open(broker, None).await {
+        Ok(l) => l,
+        Err(e) => {
+            return Err(Interrupted {
+                summary,
+                error: e.into(),
+            });
+        }
+    };
+    summary.total = letters.total();
+    let mut mover = Mover {
+        broker: broker.clone(),
+        timeout: opts.publish_timeout,
+        window: opts.window,
+        running: JoinSet::new(),
+        failed: None,
+    };
+    let mut matched = 0u64;
+    while mover.failed.is_none() && opts.limit.is_none_or(|l| matched < l) {
+        let dl = match letters.next().await {
+            Ok(Some(dl)) => dl,
+            Ok(None) => break,
+            Err(e) => {
+                mover.failed = Some(e.into());
+                break;
+            }
+        };
+        summary.looked_at = letters.seen();
+        on_event(Event::Looked {
+            seen: letters.seen(),
+            total: letters.total(),
+        });
+        if !filter.matches(&dl) {
+            summary.kept += 1;
+            summary.unreadable += u64::from(dl.unreadable.is_some());
+            letters.hold(dl.acker);
+            continue;
+        }
+        matched += 1;
+        if opts.dry_run {
+            let row = dl.row();
+            summary.would_move.add(&row.source, row.reason.as_deref());
+            on_event(Event::WouldMove(&row));
+            letters.hold(dl.acker);
+            continue;
+        }
+        mover.make_room(&mut summary, on_event).await;
+        mover.start(dl);
+    }
+    mover.drain(&mut summary, on_event).await;
+    letters.close().await;
+    match mover.failed {
+        None => Ok(summary),
+        Some(error) => Err(Interrupted { summary, error }),
+    }
+}
+
+/// Progress on stderr: a bar on a terminal, otherwise a plain line every few
+/// seconds (logs and CI output stay readable).
+struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+    moved: u64,
+    last_line: Instant,
+    dry_run: bool,
+}
+
+/// How often a plain progress line is written when stderr is not a terminal.
+const PLAIN_EVERY: Duration = Duration::from_secs(2);
+
+impl Progress {
+    fn new(dry_run: bool) -> Self {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = indicatif::ProgressBar::new(0);
+            if let Ok(style) = indicatif::ProgressStyle::with_template(
+                "{spinner} [{bar:40}] {pos}/{len} looked at, {msg} ({per_sec}, {eta} left)",
+            ) {
+                bar.set_style(style.progress_chars("=> "));
+            }
+            bar
+        });
+        Self {
+            bar,
+            moved: 0,
+            last_line: Instant::now(),
+            dry_run,
+        }
+    }
+
+    fn on(&mut self, event: Event<'_>) {
+        match event {
+            Event::Looked { seen, total } => self.looked(seen, total),
+            Event::Moved(_) => {
+                self.moved += 1;
+                if let Some(bar) = &self.bar {
+                    bar.set_message(format!("{} moved", self.moved));
+                }
+            }
+            Event::WouldMove(row) => {
+                let line = format!(
+                    "would move {}  key={}  source={}  reason={}  attempts={}",
+                    row.message_id,
+                    row.key,
+                    row.source,
+                    row.reason.as_deref().unwrap_or(crate::dlq::NO_REASON),
+                    row.attempts
+                );
+                match &self.bar {
+                    Some(bar) => bar.suspend(|| crate::cli::print(&line)),
+                    None => crate::cli::print(&line),
+                }
+            }
+        }
+    }
+
+    fn looked(&mut self, seen: u64, total: u64) {
+        if let Some(bar) = &self.bar {
+            bar.set_length(total);
+            bar.set_position(seen);
+            return;
+        }
+        if self.last_line.elapsed() >= PLAIN_EVERY {
+            self.last_line = Instant::now();
+            let verb = if self.dry_run { "listed" } else { "moved" };
+            eprintln!(
+                "hookq shovel: looked at {seen} of {total}, {} {verb}",
+                self.moved
+            );
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+/// The end-of-run report on stdout.
+fn report(summary: &Summary, dead: &str, work: &str, dry_run: bool) {
+    let (counts, head) = if dry_run {
+        (
+            &summary.would_move,
+            format!(
+                "dry run: would move {} dead letter(s) from {dead} to {work}; nothing moved",
+                summary.would_move.total()
+            ),
+        )
+    } else {
+        (
+            &summary.moved,
+            format!(
+                "moved {} dead letter(s) from {dead} to {work}",
+                summary.moved.total()
+            ),
+        )
+    };
+    crate::cli::print(head);
+    if counts.total() > 0 {
+        for line in counts.table(if dry_run { "WOULD MOVE" } else { "MOVED" }) {
+            crate::cli::print(format_args!("  {line}"));
+        }
+    }
+    let mut kept = format!(
+        "kept {} in {dead} (looked at {} of {})",
+        summary.kept, summary.looked_at, summary.total
+    );
+    if summary.unreadable > 0 {
+        kept.push_str(&format!(
+            "; {} of them are not hookq messages and never move: inspect them in the RabbitMQ UI",
+            summary.unreadable
+        ));
+    }
+    crate::cli::print(kept);
+}
+
+/// `hookq shovel`: exit 0 when every matching dead letter moved, 2 on bad
+/// usage, 1 when the broker failed (what moved is reported; re-running finishes).
+pub async fn run(settings: &Settings, args: &ShovelArgs) -> anyhow::Result<ExitCode> {
+    let filter = match Filter::from_args(args) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("hookq: {e}");
+            return Ok(ExitCode::from(2));
+        }
+    };
+    let opts = Options {
+        limit: args.limit,
+        dry_run: args.dry_run,
+        publish_timeout: settings.ingress.publish_timeout(),
+        ..Options::default()
+    };
+    let stop = CancellationToken::new();
+    let broker = crate::dlq::connect(settings, "hookq-shovel", &stop).await?;
+    let (dead, work) = (broker.topology().dead(), broker.topology().work());
+    let mut progress = Progress::new(opts.dry_run);
+    let result = shovel(&broker, &filter, &opts, &mut |e| progress.on(e)).await;
+    progress.finish();
+    stop.cancel();
+    match result {
+        Ok(summary) => {
+            report(&summary, &dead, &work, opts.dry_run);
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(Interrupted { summary, error }) => {
+            report(&summary, &dead, &work, opts.dry_run);
+            eprintln!(
+                "hookq: shovel stopped part way: {error}.\n\
+                 Nothing was lost: every dead letter not reported as moved is still in {dead} \
+                 (at worst one is also copied to {work}, and the worker's dedup absorbs the copy). \
+                 Run the same `hookq shovel` again to finish."
+            );
+            Ok(ExitCode::from(1))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::{DeadInfo, DedupKey};
+
+    fn dead_letter() -> Envelope {
+        let mut env = Envelope::received("shop", DedupKey("shop:1".into()), b"{}".to_vec(), None, vec![
+            ("x-a".into(), "1".into()),
+        ]);
+        env.attempts = 5;
+        env.not_before = Some(1);
+        env.shovelled = 1;
+        env.previous_dead_reason = Some("rejected".into());
+        env.dead = Some(DeadInfo {
+            reason: DeadReason::MaxAttempts,
+            last_error: "HTTP 500".into(),
+            last_status: Some(500),
+            dead_at: "2026-01-01T00:00:00.000Z".into(),
+        });
+        env
+    }
+
+    #[test]
+    fn the_work_copy_starts_afresh_and_remembers_its_history() {
+        let dead = dead_letter();
+        let work = back_to_work(&dead);
+        assert_eq!(work.attempts, 0);
+        assert_eq!(work.dead, None);
+        assert_eq!(work.not_before, None);
+        assert_eq!(work.shovelled, 2);
+        assert_eq!(work.previous_dead_reason.as_deref(), Some("max_attempts"));
+        assert_eq!(work.message_id, dead.message_id);
+        assert_eq!(work.body, dead.body);
+        assert_eq!(work.headers, dead.headers);
+        assert_eq!(work.key, dead.key);
+        assert_eq!(work.received_at, dead.received_at);
+    }
+
+    #[test]
+    fn reasons_and_sources_are_checked_before_connecting() {
+        let args = |reason: &str, source: &str| ShovelArgs {
+            reason: Some(reason.into()),
+            source: Some(source.into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            Filter::from_args(&args("timeout", "shop")),
+            Err(UsageError::Reason("timeout".into()))
+        );
+        assert_eq!(
+            Filter::from_args(&args("rejected", "Shop!")),
+            Err(UsageError::Source("Shop!".into()))
+        );
+        let f = Filter::from_args(&args("rejected", "shop")).unwrap();
+        assert_eq!(f.reason, Some(DeadReason::Rejected));
+    }
 }

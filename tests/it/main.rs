@@ -5,6 +5,7 @@
 mod support;
 
 mod dedup;
+mod lifecycle;
 mod operate;
 mod pipeline;
 mod security;

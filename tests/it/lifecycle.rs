@@ -1,0 +1,249 @@
+//! A real `hookq up` process: SIGTERM under load loses and doubles nothing,
+//! JSON logs carry message ids and keys, /metrics counts what was sent.
+
+use std::collections::{HashMap, HashSet};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+use crate::support::{Client, FakeTarget, TestEnv, wait_until};
+
+const T: Duration = Duration::from_secs(30);
+
+/// A `hookq up --log-format json` child, its ingress address (read from its
+/// own log line) and every JSON log line it writes.
+struct UpProcess {
+    child: Child,
+    addr: std::net::SocketAddr,
+    logs: Arc<Mutex<Vec<serde_json::Value>>>,
+}
+
+async fn spawn_up(env: &TestEnv) -> UpProcess {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hookq"))
+        .args(["up", "--log-format", "json"])
+        .envs(env.child_env())
+        .env("HOOKQ_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn hookq up");
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let logs = Arc::new(Mutex::new(Vec::new()));
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let sink = logs.clone();
+    tokio::spawn(async move {
+        let mut tx = Some(tx);
+        while let Ok(Some(line)) = lines.next_line().await {
+            let v: serde_json::Value = serde_json::from_str(&line)
+                .unwrap_or_else(|e| panic!("a log line that is not JSON ({e}): {line}"));
+            if v["message"]
+                .as_str()
+                .unwrap_or("")
+                .starts_with("ingress listening")
+                && let Some(tx) = tx.take()
+            {
+                let _ = tx.send(v["addr"].as_str().unwrap().parse().unwrap());
+            }
+            sink.lock().unwrap().push(v);
+        }
+    });
+    let addr = tokio::time::timeout(T, rx)
+        .await
+        .expect("listening line")
+        .unwrap();
+    UpProcess { child, addr, logs }
+}
+
+fn sigterm(child: &Child) {
+    let pid = child.id().expect("running").to_string();
+    let ok = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_under_load_loses_nothing_and_doubles_nothing() {
+    let target = FakeTarget::start_slow(Duration::from_millis(25), |_, r| {
+        if r.key() == "s:bad" {
+            StatusCode::BAD_REQUEST
+        } else {
+            StatusCode::OK
+        }
+        .into_response()
+    })
+    .await;
+    let env = TestEnv::new("sigterm").with_target(&target.url);
+    let mut up = spawn_up(&env).await;
+    let c = Arc::new(Client::new(up.addr));
+    wait_until(T, "ready", || async {
+        c.get("/readyz").await.status() == 200
+    })
+    .await;
+
+    c.send("s", "bad", "{}").await;
+    // A steady stream of webhooks; remember which ones were accepted.
+    let accepted = Arc::new(Mutex::new(HashSet::new()));
+    let sender = {
+        let (c, accepted) = (c.clone(), accepted.clone());
+        tokio::spawn(async move {
+            for i in 0..400 {
+                let r = c
+                    .http
+                    .post(format!("{}/hooks/s", c.base))
+                    .header("idempotency-key", format!("k{i}"))
+                    .body("{}")
+                    .send()
+                    .await;
+                match r {
+                    Ok(r) if r.status() == 202 => {
+                        accepted.lock().unwrap().insert(format!("s:k{i}"));
+                    }
+                    Ok(_) => {}
+                    Err(_) => break, // the ingress stopped listening
+                }
+            }
+        })
+    };
+    wait_until(T, "deliveries under way", || async { target.count() >= 50 }).await;
+    sigterm(&up.child);
+    let status = tokio::time::timeout(T, up.child.wait())
+        .await
+        .expect("exits within the grace period")
+        .unwrap();
+    assert!(status.success(), "exit status {status:?}");
+    let _ = sender.await;
+    let accepted = accepted.lock().unwrap().clone();
+    assert!(!accepted.is_empty());
+
+    let logs = up.logs.lock().unwrap().clone();
+    assert!(
+        logs.iter().any(|l| l["message"] == "stopped cleanly"),
+        "no clean stop logged"
+    );
+    // A line about a message carries its id and key.
+    let dead = logs
+        .iter()
+        .find(|l| {
+            l["message"]
+                .as_str()
+                .unwrap_or("")
+                .contains("dead-lettering")
+        })
+        .expect("the dead-lettering line");
+    assert_eq!(dead["span"]["key"], "s:bad", "{dead}");
+    assert!(
+        dead["span"]["message_id"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "{dead}"
+    );
+
+    // A new process finishes what the first one handed back.
+    let up2 = spawn_up(&env).await;
+    wait_until(T, "every accepted webhook delivered", || async {
+        let ok = target.successes();
+        accepted.iter().all(|k| ok.contains_key(k))
+    })
+    .await;
+    let c2 = Client::new(up2.addr);
+    wait_until(T, "work queue drained", || async {
+        env.queue_len(&env.topology().work()).await == 0
+    })
+    .await;
+    let doubled: HashMap<_, _> = target
+        .successes()
+        .into_iter()
+        .filter(|(_, n)| *n > 1)
+        .collect();
+    assert!(
+        doubled.is_empty(),
+        "delivered twice after a graceful stop: {doubled:?}"
+    );
+    assert_eq!(c2.get("/healthz").await.status(), 200);
+}
+
+/// Parses Prometheus/OpenMetrics text into `name{labels}` -> value, checking
+/// the shape of every line.
+fn parse_metrics(text: &str) -> HashMap<String, f64> {
+    let mut out = HashMap::new();
+    let mut saw_eof = false;
+    for line in text.lines() {
+        if line == "# EOF" {
+            saw_eof = true;
+            continue;
+        }
+        if line.starts_with("# HELP ") || line.starts_with("# TYPE ") || line.starts_with("# UNIT ")
+        {
+            continue;
+        }
+        let (series, value) = line
+            .rsplit_once(' ')
+            .unwrap_or_else(|| panic!("bad sample line: {line}"));
+        let value: f64 = value
+            .parse()
+            .unwrap_or_else(|_| panic!("bad value in: {line}"));
+        let name_end = series.find('{').unwrap_or(series.len());
+        assert!(
+            series[..name_end]
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
+            "bad metric name in: {line}"
+        );
+        if name_end < series.len() {
+            assert!(series.ends_with('}'), "unclosed labels in: {line}");
+        }
+        out.insert(series.to_string(), value);
+    }
+    assert!(saw_eof, "no # EOF line");
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_parse_and_count_what_was_sent() {
+    let target = FakeTarget::start(|_, r| {
+        if r.key().starts_with("m:bad") {
+            StatusCode::UNPROCESSABLE_ENTITY
+        } else {
+            StatusCode::OK
+        }
+        .into_response()
+    })
+    .await;
+    let env = TestEnv::new("metrics").with_target(&target.url);
+    let up = env.up().await;
+    let c = Client::new(up.ingress_addr.unwrap());
+    for i in 0..5 {
+        c.send("m", &format!("ok{i}"), "{}").await;
+    }
+    c.send("m", "ok0", "{}").await; // a duplicate
+    for i in 0..2 {
+        c.send("m", &format!("bad{i}"), "{}").await;
+    }
+    wait_until(T, "all settled", || async {
+        let m = parse_metrics(&c.get("/metrics").await.text().await.unwrap());
+        m.get(r#"hookq_worker_deliveries_total{source="m",outcome="dead"}"#) == Some(&2.0)
+            && m.get(r#"hookq_worker_deliveries_total{source="m",outcome="delivered"}"#)
+                == Some(&5.0)
+            && m.get(r#"hookq_worker_deliveries_total{source="m",outcome="duplicate"}"#)
+                == Some(&1.0)
+    })
+    .await;
+    let m = parse_metrics(&c.get("/metrics").await.text().await.unwrap());
+    assert_eq!(
+        m[r#"hookq_ingress_requests_total{source="_other",status="202",code=""}"#],
+        8.0
+    );
+    assert_eq!(m["hookq_ingress_publish_seconds_count"], 8.0);
+    assert_eq!(m["hookq_worker_delivery_seconds_count"], 7.0);
+    assert_eq!(m["hookq_worker_in_flight"], 0.0);
+    assert!(m["hookq_dedup_commits"] >= 1.0);
+    assert_eq!(m["hookq_broker_reconnects"], 0.0);
+}
