@@ -35,6 +35,9 @@ use crate::message::Envelope;
 /// channels spread the broker-side work over more than one Erlang process.
 const PUBLISHER_CHANNELS: usize = 4;
 
+/// How long connecting and declaring may take before the attempt is abandoned.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+
 /// How to start RabbitMQ, for every message that says it cannot be reached.
 pub const START_HINT: &str = "start RabbitMQ with `rabbitmq-server -detached` \
      (or `docker compose -f docker/compose.yml up -d rabbitmq`), or point amqp.url at a running broker";
@@ -46,6 +49,8 @@ pub enum Error {
     Unavailable,
     #[error("no publisher confirm within {0:?}")]
     Timeout(Duration),
+    #[error("RabbitMQ did not complete the connection within {0:?}; {hint}", hint = START_HINT)]
+    ConnectTimeout(Duration),
     #[error("the broker refused the message (nack)")]
     Nacked,
     #[error("the broker returned the message as unroutable ({0})")]
@@ -166,7 +171,9 @@ impl Broker {
         topology: Topology,
         shutdown: CancellationToken,
     ) -> Result<Self, Error> {
-        let s = establish(url, name, &topology).await?;
+        let s = tokio::time::timeout(CONNECT_TIMEOUT, establish(url, name, &topology))
+            .await
+            .map_err(|_| Error::ConnectTimeout(CONNECT_TIMEOUT))??;
         let b = Self::new(url, name, topology, Some(s));
         tokio::spawn(b.clone().supervise(shutdown));
         Ok(b)
@@ -243,7 +250,14 @@ impl Broker {
             if shutdown.is_cancelled() {
                 return;
             }
-            match establish(&url, &self.inner.name, &self.inner.topology).await {
+            // A broker that accepts TCP but never answers must not hang us.
+            let attempt = tokio::time::timeout(
+                CONNECT_TIMEOUT,
+                establish(&url, &self.inner.name, &self.inner.topology),
+            )
+            .await
+            .unwrap_or_else(|_| Err(Error::ConnectTimeout(CONNECT_TIMEOUT)));
+            match attempt {
                 Ok(s) => {
                     if connected_once {
                         self.inner.reconnects.fetch_add(1, Ordering::Relaxed);
