@@ -55,12 +55,8 @@ pub enum Error {
     Nacked,
     #[error("the broker returned the message as unroutable ({0})")]
     Returned(String),
-    #[error("cannot reach RabbitMQ at {url}: {source}; {hint}", hint = START_HINT)]
-    Connect {
-        url: String,
-        #[source]
-        source: lapin::Error,
-    },
+    #[error("cannot reach RabbitMQ at {url}: {cause}; {hint}", hint = START_HINT)]
+    Connect { url: String, cause: lapin::Error },
     #[error(transparent)]
     Topology(#[from] topology::Error),
     #[error("AMQP error: {0}")]
@@ -118,9 +114,9 @@ async fn establish(url: &str, name: &str, topo: &Topology) -> Result<Session, Er
     let props = ConnectionProperties::default().with_connection_name(name.into());
     let connection = Connection::connect(url, props)
         .await
-        .map_err(|source| Error::Connect {
+        .map_err(|cause| Error::Connect {
             url: redact_url(url),
-            source,
+            cause,
         })?;
     // A refused declaration closes its channel, so it gets one of its own.
     let ch = connection.create_channel().await?;
@@ -243,7 +239,7 @@ impl Broker {
                     }
                 }
                 self.inner.state.send_replace(None);
-                tracing::warn!(broker = %redact_url(&url), "lost the RabbitMQ connection; reconnecting");
+                tracing::warn!(connection = %self.inner.name, broker = %redact_url(&url), "lost the RabbitMQ connection; reconnecting");
                 let _ = s.connection.close(200, "replacing".into()).await;
                 delay = Duration::from_millis(100);
             }
@@ -271,7 +267,7 @@ impl Broker {
                 Err(e) => {
                     // One line per state change, not one per attempt.
                     if !down_logged {
-                        tracing::error!("{e}; retrying in the background");
+                        tracing::error!(connection = %self.inner.name, "{e}; retrying in the background");
                         down_logged = true;
                     } else {
                         tracing::debug!("still cannot connect: {e}");

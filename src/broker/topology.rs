@@ -186,12 +186,8 @@ pub enum Error {
         argument: String,
         detail: String,
     },
-    #[error("declaring {what} failed: {source}")]
-    Broker {
-        what: String,
-        #[source]
-        source: lapin::Error,
-    },
+    #[error("declaring {what} failed: {cause}")]
+    Broker { what: String, cause: lapin::Error },
 }
 
 fn refused(what: &str, queue: Option<&str>, e: lapin::Error) -> Error {
@@ -219,7 +215,7 @@ fn refused(what: &str, queue: Option<&str>, e: lapin::Error) -> Error {
     }
     Error::Broker {
         what: what.to_string(),
-        source: e,
+        cause: e,
     }
 }
 
