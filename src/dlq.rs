@@ -4,8 +4,10 @@
 //! Reading uses `basic.get` on a channel of its own and holds every message it
 //! has seen unacked. Holding is what makes a run see each dead letter at most
 //! once (the broker does not hand a held message out again), and closing the
-//! channel puts every held message back in its original order: reading removes
-//! nothing.
+//! channel puts every held message back in its original order (for a quorum
+//! queue, see [`DeadLetters::close`]): reading removes nothing. `basic.get`
+//! keeps memory flat whatever the queue's size; its cost is one round trip per
+//! message, and on a quorum queue one Raft command each (hundreds per second).
 
 use std::collections::BTreeMap;
 use std::process::ExitCode;
@@ -14,7 +16,7 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::{self, Acker, Broker, DecodeError, Incoming, Reader, Topology};
-use crate::config::Settings;
+use crate::config::{QueueType, Settings};
 use crate::message::Envelope;
 
 /// One dead letter as the tools see it, not settled yet.
@@ -90,9 +92,14 @@ pub struct Row {
 pub struct DeadLetters {
     reader: Reader,
     queue: String,
+    /// The queue's length when the run started.
+    at_start: u64,
+    /// How many the caller looks at (`at_start`, or fewer with a limit).
     budget: u64,
     seen: u64,
     held: Vec<Acker>,
+    /// See [`DeadLetters::close`].
+    quorum: bool,
 }
 
 impl DeadLetters {
@@ -104,9 +111,11 @@ impl DeadLetters {
         Ok(Self {
             reader,
             queue,
+            at_start: len,
             budget: max.map_or(len, |m| m.min(len)),
             seen: 0,
             held: Vec::new(),
+            quorum: broker.topology().queue_type == QueueType::Quorum,
         })
     }
 
@@ -120,15 +129,15 @@ impl DeadLetters {
         self.seen
     }
 
-    pub fn queue(&self) -> &str {
-        &self.queue
-    }
-
     /// The next dead letter, or `None` at the end of the run.
     pub async fn next(&mut self) -> Result<Option<DeadLetter>, broker::Error> {
         if self.seen >= self.budget {
             return Ok(None);
         }
+        self.get().await
+    }
+
+    async fn get(&mut self) -> Result<Option<DeadLetter>, broker::Error> {
         let Some((m, _remaining)) = self.reader.get(&self.queue).await? else {
             return Ok(None);
         };
@@ -142,7 +151,28 @@ impl DeadLetters {
     }
 
     /// Puts every held dead letter back in `P.dead`, in its original order.
-    pub async fn close(self) {
+    ///
+    /// A classic queue puts a returned message back where it was. A quorum
+    /// queue appends returned messages to the back of its "returns", which it
+    /// serves before messages never read: once `P.dead` has been read at all,
+    /// handing back only part of it would move that part behind the rest. So
+    /// on a quorum queue, a run that stopped early (a limit) while holding
+    /// something first reads, and holds, the rest of what was there at its
+    /// start; then everything goes back together, in order. Dead letters that
+    /// arrived during the run stay behind them, unread. (Seen on RabbitMQ
+    /// 3.10; the price is that `dlq list --limit 10` on a large quorum
+    /// `P.dead` reads all of it.)
+    pub async fn close(mut self) {
+        if self.quorum && !self.held.is_empty() {
+            while self.seen < self.at_start {
+                match self.get().await {
+                    Ok(Some(dl)) => self.hold(dl.acker),
+                    // The channel is gone (and gave back what it held) or the
+                    // queue is empty: nothing more to keep in order.
+                    Ok(None) | Err(_) => break,
+                }
+            }
+        }
         self.reader.close().await;
         drop(self.held);
     }
@@ -158,22 +188,32 @@ pub(crate) async fn connect(
     Broker::connect(&settings.amqp.url, name, topology, stop.clone()).await
 }
 
-/// Reads up to `limit` dead letters as rows and puts them all back.
-pub async fn rows(broker: &Broker, limit: Option<u64>) -> Result<Vec<Row>, broker::Error> {
+/// Shows each of up to `limit` dead letters to `visit`, then puts them all back.
+pub async fn read(
+    broker: &Broker,
+    limit: Option<u64>,
+    mut visit: impl FnMut(&DeadLetter),
+) -> Result<(), broker::Error> {
     let mut letters = DeadLetters::open(broker, limit).await?;
-    let mut out = Vec::new();
     let result = loop {
         match letters.next().await {
             Ok(Some(dl)) => {
-                out.push(dl.row());
+                visit(&dl);
                 letters.hold(dl.acker);
             }
-            Ok(None) => break Ok(out),
+            Ok(None) => break Ok(()),
             Err(e) => break Err(e),
         }
     };
     letters.close().await;
     result
+}
+
+/// Up to `limit` dead letters as rows, oldest first; nothing is moved.
+pub async fn rows(broker: &Broker, limit: Option<u64>) -> Result<Vec<Row>, broker::Error> {
+    let mut out = Vec::new();
+    read(broker, limit, |dl| out.push(dl.row())).await?;
+    Ok(out)
 }
 
 /// Dead letters counted by source and reason.
@@ -320,9 +360,7 @@ pub async fn list(settings: &Settings, limit: Option<u64>, json: bool) -> anyhow
 /// Counts every dead letter in `P.dead` by source and reason, putting them back.
 pub async fn counts(broker: &Broker) -> Result<Counts, broker::Error> {
     let mut c = Counts::default();
-    for r in rows(broker, None).await? {
-        c.add(&r.source, r.reason.as_deref());
-    }
+    read(broker, None, |dl| c.add(&dl.envelope.source, dl.reason())).await?;
     Ok(c)
 }
 

@@ -60,13 +60,8 @@ impl Filter {
         })
     }
 
-    /// Whether to move this dead letter. A message that is not a hookq message
-    /// never moves: the worker would only park it again, without what it had.
-    pub fn matches(&self, dl: &DeadLetter) -> bool {
-        if dl.unreadable.is_some() {
-            return false;
-        }
-        let env = &dl.envelope;
+    /// Whether to move this dead letter.
+    pub fn matches(&self, env: &Envelope) -> bool {
         self.source.as_ref().is_none_or(|s| *s == env.source)
             && self.key.as_ref().is_none_or(|k| *k == env.key.0)
             && self
@@ -264,7 +259,9 @@ pub async fn shovel(
             seen: letters.seen(),
             total: letters.total(),
         });
-        if !filter.matches(&dl) {
+        // A message that is not a hookq message never moves: the worker would
+        // only park it again, without the properties it came with.
+        if dl.unreadable.is_some() || !filter.matches(&dl.envelope) {
             summary.kept += 1;
             summary.unreadable += u64::from(dl.unreadable.is_some());
             letters.hold(dl.acker);
@@ -279,6 +276,10 @@ pub async fn shovel(
             continue;
         }
         mover.make_room(&mut summary, on_event).await;
+        if mover.failed.is_some() {
+            letters.hold(dl.acker);
+            break;
+        }
         mover.start(dl);
     }
     mover.drain(&mut summary, on_event).await;
@@ -293,6 +294,7 @@ pub async fn shovel(
 /// seconds (logs and CI output stay readable).
 struct Progress {
     bar: Option<indicatif::ProgressBar>,
+    /// Moved so far (dry run: listed).
     moved: u64,
     last_line: Instant,
     dry_run: bool,
@@ -306,10 +308,11 @@ impl Progress {
         let bar = std::io::stderr().is_terminal().then(|| {
             let bar = indicatif::ProgressBar::new(0);
             if let Ok(style) = indicatif::ProgressStyle::with_template(
-                "{spinner} [{bar:40}] {pos}/{len} looked at, {msg} ({per_sec}, {eta} left)",
+                "{spinner} [{bar:30}] {pos}/{len} looked at, {msg} ({per_sec}, {eta} left)",
             ) {
                 bar.set_style(style.progress_chars("=> "));
             }
+            bar.set_message(if dry_run { "0 would move" } else { "0 moved" });
             bar
         });
         Self {
@@ -329,20 +332,27 @@ impl Progress {
                     bar.set_message(format!("{} moved", self.moved));
                 }
             }
-            Event::WouldMove(row) => {
-                let line = format!(
-                    "would move {}  key={}  source={}  reason={}  attempts={}",
-                    row.message_id,
-                    row.key,
-                    row.source,
-                    row.reason.as_deref().unwrap_or(crate::dlq::NO_REASON),
-                    row.attempts
-                );
-                match &self.bar {
-                    Some(bar) => bar.suspend(|| crate::cli::print(&line)),
-                    None => crate::cli::print(&line),
-                }
+            Event::WouldMove(row) => self.would_move(row),
+        }
+    }
+
+    /// Dry run: one line on stdout per dead letter that would move.
+    fn would_move(&mut self, row: &Row) {
+        self.moved += 1;
+        let line = format!(
+            "would move {}  key={}  source={}  reason={}  attempts={}",
+            row.message_id,
+            row.key,
+            row.source,
+            row.reason.as_deref().unwrap_or(crate::dlq::NO_REASON),
+            row.attempts
+        );
+        match &self.bar {
+            Some(bar) => {
+                bar.set_message(format!("{} would move", self.moved));
+                bar.suspend(|| crate::cli::print(&line));
             }
+            None => crate::cli::print(&line),
         }
     }
 
@@ -354,7 +364,7 @@ impl Progress {
         }
         if self.last_line.elapsed() >= PLAIN_EVERY {
             self.last_line = Instant::now();
-            let verb = if self.dry_run { "listed" } else { "moved" };
+            let verb = if self.dry_run { "would move" } else { "moved" };
             eprintln!(
                 "hookq shovel: looked at {seen} of {total}, {} {verb}",
                 self.moved
@@ -440,7 +450,7 @@ pub async fn run(settings: &Settings, args: &ShovelArgs) -> anyhow::Result<ExitC
             eprintln!(
                 "hookq: shovel stopped part way: {error}.\n\
                  Nothing was lost: every dead letter not reported as moved is still in {dead} \
-                 (at worst one is also copied to {work}, and the worker's dedup absorbs the copy). \
+                 (one whose move was under way may also be in {work}: the worker's dedup absorbs such a copy). \
                  Run the same `hookq shovel` again to finish."
             );
             Ok(ExitCode::from(1))
@@ -454,9 +464,13 @@ mod tests {
     use crate::message::{DeadInfo, DedupKey};
 
     fn dead_letter() -> Envelope {
-        let mut env = Envelope::received("shop", DedupKey("shop:1".into()), b"{}".to_vec(), None, vec![
-            ("x-a".into(), "1".into()),
-        ]);
+        let mut env = Envelope::received(
+            "shop",
+            DedupKey("shop:1".into()),
+            b"{}".to_vec(),
+            None,
+            vec![("x-a".into(), "1".into())],
+        );
         env.attempts = 5;
         env.not_before = Some(1);
         env.shovelled = 1;
@@ -503,5 +517,24 @@ mod tests {
         );
         let f = Filter::from_args(&args("rejected", "shop")).unwrap();
         assert_eq!(f.reason, Some(DeadReason::Rejected));
+    }
+
+    #[test]
+    fn every_given_criterion_must_hold() {
+        let env = dead_letter();
+        let f = |source: Option<&str>, reason, key: Option<&str>| Filter {
+            source: source.map(str::to_string),
+            reason,
+            key: key.map(str::to_string),
+        };
+        assert!(f(None, None, None).matches(&env));
+        assert!(f(Some("shop"), Some(DeadReason::MaxAttempts), Some("shop:1")).matches(&env));
+        assert!(!f(Some("other"), None, None).matches(&env));
+        assert!(!f(None, Some(DeadReason::Rejected), None).matches(&env));
+        assert!(!f(None, None, Some("shop:2")).matches(&env));
+        let mut no_reason = env.clone();
+        no_reason.dead = None;
+        assert!(!f(None, Some(DeadReason::MaxAttempts), None).matches(&no_reason));
+        assert!(f(Some("shop"), None, None).matches(&no_reason));
     }
 }

@@ -1,1 +1,790 @@
-//! Dead letters for operators: shovel and dlq (filled in by the shovel work).
+//! Dead letters for operators: `hookq shovel` and `hookq dlq`, on dead letters
+//! the real worker made, plus the RabbitMQ management UI's view of the topology.
+
+use std::collections::{HashMap, HashSet};
+use std::process::{Output, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use futures::StreamExt;
+use hookq::broker::Broker;
+use hookq::config::QueueType;
+use hookq::dlq::Row;
+use hookq::message::{DeadInfo, DeadReason, DedupKey, Envelope};
+use hookq::serve::{Parts, Running};
+use hookq::shovel::{Event, Filter, Options, Summary, shovel};
+use tokio::process::Command;
+use tokio_util::sync::CancellationToken;
+
+use crate::support::{Client, FakeTarget, TestEnv, wait_until};
+
+const T: Duration = Duration::from_secs(20);
+
+/// The webhooks the fixture sends: (source, id). Ids with `bad` get 400 from
+/// the target (dead as `rejected` after one delivery), the others 500 (dead as
+/// `max_attempts` after two).
+const SENT: [(&str, &str); 6] = [
+    ("alpha", "bad-1"),
+    ("alpha", "flaky-1"),
+    ("alpha", "bad-2"),
+    ("alpha", "flaky-2"),
+    ("beta", "bad-3"),
+    ("beta", "flaky-3"),
+];
+
+/// Six real dead letters, made by a real worker against a target that fails
+/// until it is healed.
+struct Fixture {
+    env: TestEnv,
+    target: FakeTarget,
+    healed: Arc<AtomicBool>,
+    /// The dead letters, in P.dead's order.
+    dead: Vec<Envelope>,
+    broker: Broker,
+    stop: CancellationToken,
+    running: Option<Running>,
+}
+
+impl Fixture {
+    async fn new(name: &str, q: QueueType) -> Self {
+        let healed = Arc::new(AtomicBool::new(false));
+        let h = healed.clone();
+        let target = FakeTarget::start(move |_, r| {
+            if h.load(Ordering::SeqCst) {
+                StatusCode::OK
+            } else if r.key().contains(":bad-") {
+                StatusCode::BAD_REQUEST
+            } else {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
+            .into_response()
+        })
+        .await;
+        let mut env = TestEnv::new(name)
+            .with_queue_type(q)
+            .with_target(&target.url);
+        env.settings.retry.max_attempts = 2;
+        env.settings.retry.inline_attempts = 1;
+        let stop = CancellationToken::new();
+        let running = up(&env, &stop).await;
+        let c = Client::new(running.ingress_addr.unwrap());
+        for (source, id) in SENT {
+            c.send(source, id, &format!(r#"{{"id":"{id}"}}"#)).await;
+        }
+        wait_until(T, "six dead letters", || async {
+            env.queue_len(&env.topology().dead()).await == 6
+        })
+        .await;
+        let dead = env.dead_letters().await;
+        let broker = env.broker().await;
+        settled(&broker, 6).await;
+        Self {
+            env,
+            target,
+            healed,
+            dead,
+            broker,
+            stop,
+            running: Some(running),
+        }
+    }
+
+    fn heal(&self) {
+        self.healed.store(true, Ordering::SeqCst);
+    }
+
+    /// Stops the worker (and ingress), so that P.work keeps what arrives.
+    async fn stop(&mut self) {
+        self.stop.cancel();
+        if let Some(r) = self.running.take() {
+            let _ = r.task.await;
+        }
+    }
+
+    /// The original dead letters' message ids, minus the moved keys, in order.
+    fn ids_without(&self, moved: &HashSet<String>) -> Vec<String> {
+        self.dead
+            .iter()
+            .filter(|e| !moved.contains(&e.key.0))
+            .map(|e| e.message_id.0.clone())
+            .collect()
+    }
+
+    /// Asserts that P.dead holds exactly the original dead letters minus the
+    /// moved keys, in their original order.
+    async fn assert_left(&self, moved: &HashSet<String>) {
+        let expected = self.ids_without(moved);
+        settled(&self.broker, expected.len()).await;
+        assert_eq!(ids(&self.env.dead_letters().await), expected);
+        settled(&self.broker, expected.len()).await;
+    }
+
+    fn reason_of(&self, key: &str) -> DeadReason {
+        let e = self.dead.iter().find(|e| e.key.0 == key).unwrap();
+        e.dead.as_ref().unwrap().reason
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// `hookq up` in this process with a stop token of its own, once ready.
+async fn up(env: &TestEnv, stop: &CancellationToken) -> Running {
+    let r = env.start_with(Parts::Up, stop.clone()).await;
+    let url = format!("http://{}/readyz", r.ingress_addr.unwrap());
+    wait_until(T, "readyz", || async {
+        reqwest::get(&url)
+            .await
+            .is_ok_and(|r| r.status() == StatusCode::OK)
+    })
+    .await;
+    r
+}
+
+/// Waits until P.dead has `n` messages ready. A quorum queue puts back what a
+/// reader held a moment after the reader's channel closed, so a read (or a
+/// run) straight after another could otherwise miss some.
+async fn settled(broker: &Broker, n: usize) {
+    let dead = broker.topology().dead();
+    wait_until(T, "dead letters back in P.dead", || async {
+        broker.queue_len(&dead).await.unwrap() as usize == n
+    })
+    .await;
+}
+
+fn ids(envs: &[Envelope]) -> Vec<String> {
+    envs.iter().map(|e| e.message_id.0.clone()).collect()
+}
+
+async fn run_shovel(broker: &Broker, filter: Filter, limit: Option<u64>) -> Summary {
+    let opts = Options {
+        limit,
+        ..Options::default()
+    };
+    shovel(broker, &filter, &opts, &mut |_| {})
+        .await
+        .expect("shovel")
+}
+
+fn counts(s: &Summary) -> HashMap<(String, String), u64> {
+    s.moved.0.clone().into_iter().collect()
+}
+
+fn pair(source: &str, reason: &str, n: u64) -> ((String, String), u64) {
+    ((source.into(), reason.into()), n)
+}
+
+/// The `hookq` binary with this test's settings, run to its end.
+async fn hookq(env: &TestEnv, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_hookq"))
+        .args(args)
+        .envs(env.child_env())
+        .env("HOOKQ_LOG", "warn")
+        .current_dir(env.dir.path())
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output()
+        .await
+        .expect("run hookq")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+macro_rules! on_both_queue_types {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            use super::*;
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn quorum() { super::$name(QueueType::Quorum).await }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn classic() { super::$name(QueueType::Classic).await }
+        }
+    )*};
+}
+
+on_both_queue_types!(each_filter_moves_exactly_the_matching_ones);
+
+/// --key, then --source, then --reason: each moves exactly its matches, the
+/// rest stay in P.dead in their original order, and each moved one is
+/// delivered once.
+async fn each_filter_moves_exactly_the_matching_ones(q: QueueType) {
+    let f = Fixture::new("filters", q).await;
+    f.heal();
+    let broker = f.broker.clone();
+    let mut moved = HashSet::new();
+
+    let key = Filter {
+        key: Some("alpha:flaky-1".into()),
+        ..Filter::default()
+    };
+    let s = run_shovel(&broker, key, None).await;
+    assert_eq!(
+        counts(&s),
+        HashMap::from([pair("alpha", "max_attempts", 1)])
+    );
+    assert_eq!((s.looked_at, s.kept), (6, 5));
+    moved.insert("alpha:flaky-1".to_string());
+    f.assert_left(&moved).await;
+
+    // --source with --limit 1: stops at the first beta, holding the alphas
+    // before it; they go back in order (on a quorum queue too).
+    let beta = || Filter {
+        source: Some("beta".into()),
+        ..Filter::default()
+    };
+    let first_beta = f.dead.iter().find(|e| e.source == "beta").unwrap();
+    let s = run_shovel(&broker, beta(), Some(1)).await;
+    assert_eq!(s.moved.total(), 1);
+    moved.insert(first_beta.key.0.clone());
+    f.assert_left(&moved).await;
+    let s = run_shovel(&broker, beta(), None).await;
+    assert_eq!(s.moved.total(), 1);
+    moved.extend(["beta:bad-3".to_string(), "beta:flaky-3".to_string()]);
+    f.assert_left(&moved).await;
+
+    let reason = Filter {
+        reason: Some(DeadReason::Rejected),
+        ..Filter::default()
+    };
+    let s = run_shovel(&broker, reason, None).await;
+    assert_eq!(counts(&s), HashMap::from([pair("alpha", "rejected", 2)]));
+    assert_eq!(s.kept, 1);
+    moved.extend(["alpha:bad-1".to_string(), "alpha:bad-2".to_string()]);
+    f.assert_left(&moved).await;
+
+    wait_until(T, "every moved key delivered", || async {
+        f.target.successes().len() == moved.len()
+    })
+    .await;
+    wait_until(T, "work queue drained", || async {
+        f.env.queue_len(&f.env.topology().work()).await == 0
+    })
+    .await;
+    let ok = f.target.successes();
+    for k in &moved {
+        assert_eq!(ok.get(k), Some(&1), "{k} delivered once");
+    }
+    f.assert_left(&moved).await;
+}
+
+/// --limit moves the first N; the copy in P.work starts afresh with its
+/// history in headers, and is delivered as a first attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limit_moves_the_first_ones_as_fresh_work_with_their_history() {
+    let mut f = Fixture::new("limit", QueueType::Quorum).await;
+    f.stop().await;
+    let broker = f.broker.clone();
+    let s = run_shovel(&broker, Filter::default(), Some(2)).await;
+    assert_eq!(s.moved.total(), 2);
+    assert_eq!(s.looked_at, 2, "stops reading once the limit is reached");
+    let first_two: Vec<&Envelope> = f.dead.iter().take(2).collect();
+    let moved: HashSet<String> = first_two.iter().map(|e| e.key.0.clone()).collect();
+    f.assert_left(&moved).await;
+
+    // The copies, read in place from P.work.
+    let work = f.env.topology().work();
+    let reader = broker.reader().await.unwrap();
+    let mut copies = HashMap::new();
+    while let Some((m, _)) = reader.get(&work).await.unwrap() {
+        let e = m.envelope.expect("a hookq message");
+        copies.insert(e.key.0.clone(), e);
+    }
+    reader.close().await;
+    assert_eq!(copies.len(), 2);
+    for dead in &first_two {
+        let copy = &copies[&dead.key.0];
+        assert_eq!(copy.message_id, dead.message_id);
+        assert_eq!(copy.body, dead.body);
+        assert_eq!(copy.headers, dead.headers);
+        assert_eq!(copy.source, dead.source);
+        assert_eq!(copy.attempts, 0);
+        assert_eq!(copy.dead, None);
+        assert_eq!(copy.shovelled, 1);
+        let reason = dead.dead.as_ref().unwrap().reason.as_str();
+        assert_eq!(copy.previous_dead_reason.as_deref(), Some(reason));
+    }
+
+    // Delivered once each, as attempt 1.
+    f.heal();
+    f.stop = CancellationToken::new();
+    f.running = Some(up(&f.env, &f.stop).await);
+    wait_until(T, "both moved keys delivered", || async {
+        f.target.successes().len() == 2
+    })
+    .await;
+    for dead in &first_two {
+        let got: Vec<_> = f
+            .target
+            .for_key(&dead.key.0)
+            .into_iter()
+            .filter(|r| r.header("x-fake-answer").as_deref() == Some("2xx"))
+            .collect();
+        assert_eq!(got.len(), 1, "{} delivered once", dead.key);
+        assert_eq!(got[0].header("hookq-attempt").as_deref(), Some("1"));
+        assert_eq!(
+            got[0].header("hookq-message-id"),
+            Some(dead.message_id.0.clone())
+        );
+        let before = match f.reason_of(&dead.key.0) {
+            DeadReason::Rejected => 1,
+            _ => 2,
+        };
+        assert_eq!(f.target.for_key(&dead.key.0).len(), before + 1);
+    }
+}
+
+/// `--dry-run` lists what would move, one line each, and moves nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dry_run_lists_and_moves_nothing() {
+    let f = Fixture::new("dryrun", QueueType::Quorum).await;
+    let out = hookq(&f.env, &["shovel", "--dry-run", "--source", "alpha"]).await;
+    settled(&f.broker, 6).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    let listed: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("would move "))
+        .map(|l| l.split_whitespace().next().unwrap())
+        .collect();
+    let alpha: Vec<String> = f
+        .dead
+        .iter()
+        .filter(|e| e.source == "alpha")
+        .map(|e| e.message_id.0.clone())
+        .collect();
+    assert_eq!(listed, alpha, "{text}");
+    assert!(text.contains("key=alpha:bad-1"), "{text}");
+    assert!(text.contains("reason=max_attempts  attempts=2"), "{text}");
+    assert!(text.contains("would move 4"), "{text}");
+    f.assert_left(&HashSet::new()).await;
+
+    // The same through the library, with its report of what would move.
+    let broker = f.broker.clone();
+    let opts = Options {
+        dry_run: true,
+        limit: Some(3),
+        ..Options::default()
+    };
+    let mut seen = Vec::new();
+    let s = shovel(&broker, &Filter::default(), &opts, &mut |e| {
+        if let Event::WouldMove(r) = e {
+            seen.push(r.message_id.clone());
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(seen, ids(&f.dead)[..3]);
+    assert_eq!((s.would_move.total(), s.moved.total()), (3, 0));
+    f.assert_left(&HashSet::new()).await;
+    assert_eq!(f.target.successes().len(), 0);
+}
+
+/// `dlq list` (text and JSON) and `dlq stats` report what is in P.dead and
+/// leave it there, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dlq_list_and_stats_read_without_moving() {
+    let f = Fixture::new("dlq", QueueType::Quorum).await;
+    let expected: Vec<Row> = f.dead.iter().map(row).collect();
+
+    let out = hookq(&f.env, &["dlq", "list", "--json"]).await;
+
+    settled(&f.broker, 6).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let rows: Vec<Row> = serde_json::from_slice(&out.stdout).expect("a JSON array of rows");
+    assert_eq!(rows, expected);
+    let raw: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(raw[0]["last_status"], 400);
+    assert!(raw[1]["dead_at"].is_string());
+
+    let out = hookq(&f.env, &["dlq", "list", "--limit", "2", "--json"]).await;
+
+    settled(&f.broker, 6).await;
+    let rows: Vec<Row> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(rows, expected[..2]);
+
+    let out = hookq(&f.env, &["dlq", "list"]).await;
+
+    settled(&f.broker, 6).await;
+    let text = stdout(&out);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 7, "{text}");
+    assert!(lines[0].starts_with("MESSAGE ID"), "{text}");
+    assert!(lines[1].starts_with(&expected[0].message_id), "{text}");
+    let reason_col = lines[0].find("REASON").unwrap();
+    assert!(
+        lines[1..]
+            .iter()
+            .all(|l| l[reason_col..].starts_with("rejected")
+                || l[reason_col..].starts_with("max_attempts")),
+        "columns line up: {text}"
+    );
+
+    let out = hookq(&f.env, &["dlq", "stats", "--json"]).await;
+
+    settled(&f.broker, 6).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["total"], 6);
+    assert_eq!(v["by_source"]["alpha"], 4);
+    assert_eq!(v["by_source"]["beta"], 2);
+    assert_eq!(v["by_reason"]["rejected"], 3);
+    assert_eq!(v["by_reason"]["max_attempts"], 3);
+    let out = hookq(&f.env, &["dlq", "stats"]).await;
+    settled(&f.broker, 6).await;
+    let text = stdout(&out);
+    assert!(text.contains("alpha   max_attempts  2"), "{text}");
+    assert!(text.contains("total 6 in"), "{text}");
+
+    f.assert_left(&HashSet::new()).await;
+}
+
+fn row(e: &Envelope) -> Row {
+    let d = e.dead.as_ref().unwrap();
+    Row {
+        message_id: e.message_id.0.clone(),
+        key: e.key.0.clone(),
+        source: e.source.clone(),
+        reason: Some(d.reason.as_str().into()),
+        attempts: e.attempts,
+        last_status: d.last_status,
+        last_error: Some(d.last_error.clone()),
+        dead_at: Some(d.dead_at.clone()),
+    }
+}
+
+/// Dead letters published straight to P.dead, many at a time.
+async fn publish_dead_letters(broker: &Broker, n: usize) -> HashSet<String> {
+    let envs: Vec<Envelope> = (0..n)
+        .map(|i| {
+            let mut e = Envelope::received(
+                "bulk",
+                DedupKey(format!("bulk:{i}")),
+                format!(r#"{{"i":{i}}}"#).into_bytes(),
+                Some("application/json".into()),
+                vec![],
+            );
+            e.attempts = 5;
+            e.dead = Some(DeadInfo {
+                reason: DeadReason::MaxAttempts,
+                last_error: "HTTP 503".into(),
+                last_status: Some(503),
+                dead_at: hookq::message::rfc3339_now(),
+            });
+            e
+        })
+        .collect();
+    let ids = envs.iter().map(|e| e.message_id.0.clone()).collect();
+    futures::stream::iter(envs)
+        .map(|e| async move {
+            broker
+                .publish_dead(&e, Duration::from_secs(10))
+                .await
+                .expect("publish dead letter")
+        })
+        .buffer_unordered(128)
+        .collect::<Vec<()>>()
+        .await;
+    ids
+}
+
+/// Every message id in `queue`, taken with a consumer and handed back.
+async fn ids_in(broker: &Broker, queue: &str) -> Vec<String> {
+    let n = broker.queue_len(queue).await.unwrap() as usize;
+    // Nothing is acked, so the prefetch must cover the whole queue.
+    let prefetch = u16::try_from(n.max(1)).expect("a test-sized queue");
+    let mut c = broker.consume(queue, prefetch).await.unwrap();
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        let m = tokio::time::timeout(T, c.next())
+            .await
+            .expect("the queue's messages")
+            .expect("a delivery");
+        out.push(m.envelope.expect("a hookq message").message_id.0);
+    }
+    c.close().await;
+    out
+}
+
+/// SIGKILL in the middle of a run, then a second run: every dead letter ends
+/// in P.work, none lost; at worst the few in flight at the kill are doubled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_shovel_loses_nothing_and_a_rerun_finishes() {
+    const N: usize = 3000;
+    let env = TestEnv::new("kill");
+    let broker = env.broker().await;
+    let (dead, work) = (env.topology().dead(), env.topology().work());
+    let originals = publish_dead_letters(&broker, N).await;
+    assert_eq!(broker.queue_len(&dead).await.unwrap() as usize, N);
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hookq"))
+        .arg("shovel")
+        .envs(env.child_env())
+        .env("HOOKQ_LOG", "warn")
+        .current_dir(env.dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn hookq shovel");
+    wait_until(T, "some dead letters moved", || async {
+        broker.queue_len(&work).await.unwrap() >= 200
+    })
+    .await;
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the shovel finished before the kill; the test needs more dead letters"
+    );
+    child.kill().await.expect("SIGKILL");
+
+    // The killed connection's unsettled dead letters return to P.dead.
+    wait_until(T, "every message accounted for", || async {
+        let d = broker.queue_len(&dead).await.unwrap() as usize;
+        let w = broker.queue_len(&work).await.unwrap() as usize;
+        d + w >= N
+    })
+    .await;
+    let moved_before = broker.queue_len(&work).await.unwrap() as usize;
+    assert!(moved_before < N, "killed part way");
+
+    let out = hookq(&env, &["shovel"]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("moved "), "{}", stdout(&out));
+    wait_until(T, "P.dead empty", || async {
+        broker.queue_len(&dead).await.unwrap() == 0
+    })
+    .await;
+    let in_work = ids_in(&broker, &work).await;
+    let distinct: HashSet<String> = in_work.iter().cloned().collect();
+    assert_eq!(distinct, originals, "every dead letter reached P.work");
+    let copies = in_work.len() - N;
+    assert!(
+        copies <= Options::default().window,
+        "at worst the moves in flight at the kill are doubled, got {copies} copies"
+    );
+}
+
+/// The broker refuses moves part way (the work queue disappears): the run
+/// stops, exits 1 saying a re-run finishes, and every dead letter it did not
+/// report as moved is still in P.dead. After the queue is back, a re-run does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_move_stops_the_run_and_a_rerun_finishes() {
+    const N: usize = 2000;
+    // Classic: deleting a quorum queue under publishes makes RabbitMQ 3.10
+    // close the connection (INTERNAL_ERROR), a different failure; this one
+    // wants the broker's "unroutable" answer.
+    let env = TestEnv::new("refused").with_queue_type(QueueType::Classic);
+    let broker = env.broker().await;
+    let (dead, work) = (env.topology().dead(), env.topology().work());
+    publish_dead_letters(&broker, N).await;
+    let child = Command::new(env!("CARGO_BIN_EXE_hookq"))
+        .arg("shovel")
+        .envs(env.child_env())
+        .env("HOOKQ_LOG", "warn")
+        .current_dir(env.dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn hookq shovel");
+    wait_until(T, "some dead letters moved", || async {
+        broker.queue_len(&work).await.unwrap() >= 100
+    })
+    .await;
+    delete_queue(&env, &work).await;
+    let out = child.wait_with_output().await.unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("again to finish"), "{}", stderr(&out));
+    assert!(stderr(&out).contains("unroutable"), "{}", stderr(&out));
+    let text = stdout(&out);
+    let moved: usize = text
+        .strip_prefix("moved ")
+        .and_then(|t| t.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("a summary: {text}"));
+    assert!((100..N).contains(&moved), "{text}");
+    wait_until(T, "the rest still in P.dead", || async {
+        broker.queue_len(&dead).await.unwrap() as usize == N - moved
+    })
+    .await;
+
+    broker.declare_topology().await.unwrap();
+    let out = hookq(&env, &["shovel"]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).starts_with(&format!("moved {} ", N - moved)),
+        "{}",
+        stdout(&out)
+    );
+    wait_until(T, "P.dead empty", || async {
+        broker.queue_len(&dead).await.unwrap() == 0
+    })
+    .await;
+}
+
+async fn raw_channel(env: &TestEnv) -> (lapin::Connection, lapin::Channel) {
+    let conn = lapin::Connection::connect(&env.settings.amqp.url, Default::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    (conn, ch)
+}
+
+async fn delete_queue(env: &TestEnv, queue: &str) {
+    let (conn, ch) = raw_channel(env).await;
+    ch.queue_delete(queue.into(), Default::default())
+        .await
+        .unwrap();
+    let _ = conn.close(200, "bye".into()).await;
+}
+
+/// A message put in P.dead by hand, without hookq's headers: listed, counted,
+/// never moved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_foreign_message_in_the_dead_queue_is_listed_and_never_moved() {
+    let env = TestEnv::new("foreign");
+    let broker = env.broker().await;
+    let dead = env.topology().dead();
+    let (conn, ch) = raw_channel(&env).await;
+    ch.confirm_select(Default::default()).await.unwrap();
+    ch.basic_publish(
+        dead.as_str().into(),
+        "".into(),
+        Default::default(),
+        b"not a webhook",
+        lapin::BasicProperties::default().with_message_id("foreign-1".into()),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    let _ = conn.close(200, "bye".into()).await;
+    publish_dead_letters(&broker, 1).await;
+
+    let rows = hookq::dlq::rows(&broker, None).await.unwrap();
+    settled(&broker, 2).await;
+    assert_eq!(rows.len(), 2);
+    assert_eq!(rows[0].message_id, "foreign-1");
+    assert_eq!(rows[0].reason, None);
+    let err = rows[0].last_error.as_deref().unwrap();
+    assert!(err.contains("not a hookq message"), "{err}");
+
+    let s = run_shovel(&broker, Filter::default(), None).await;
+    assert_eq!((s.moved.total(), s.kept, s.unreadable), (1, 1, 1));
+    settled(&broker, 1).await;
+    let left = hookq::dlq::rows(&broker, None).await.unwrap();
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].message_id, "foreign-1");
+}
+
+/// Bad usage exits 2 before connecting; an unreachable broker exits 1 saying
+/// how to start RabbitMQ.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_reason_exits_2_and_unreachable_broker_exits_1() {
+    let mut env = TestEnv::new("usage");
+    env.settings.amqp.url = "amqp://guest:guest@127.0.0.1:1/%2f".into();
+    let out = hookq(&env, &["shovel", "--reason", "timeout"]).await;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("--reason \"timeout\""),
+        "{}",
+        stderr(&out)
+    );
+    assert!(stderr(&out).contains("max_attempts"), "{}", stderr(&out));
+    for args in [&["shovel"][..], &["dlq", "list"], &["dlq", "stats"]] {
+        let out = hookq(&env, args).await;
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        assert!(
+            stderr(&out).contains("rabbitmq-server"),
+            "{args:?}: {}",
+            stderr(&out)
+        );
+    }
+}
+
+const MANAGEMENT: &str = "http://127.0.0.1:15672/api";
+
+/// A management API resource, or `None` while it is not there (yet).
+async fn management(http: &reqwest::Client, path: &str) -> Option<serde_json::Value> {
+    let r = http
+        .get(format!("{MANAGEMENT}/{path}"))
+        .basic_auth("guest", Some("guest"))
+        .send()
+        .await
+        .ok()?;
+    if !r.status().is_success() {
+        return None;
+    }
+    r.json().await.ok()
+}
+
+/// A management API resource, polled until it appears: the API can lag a few
+/// seconds behind a new queue.
+async fn management_eventually(http: &reqwest::Client, path: &str) -> serde_json::Value {
+    let found = std::sync::Mutex::new(None);
+    wait_until(T, path, || async {
+        let v = management(http, path).await;
+        let there = v.is_some();
+        *found.lock().unwrap() = v;
+        there
+    })
+    .await;
+    found.into_inner().unwrap().unwrap()
+}
+
+/// Every queue of the topology shows in the management UI with its arguments.
+/// Skipped when the management plugin is not enabled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_management_ui_shows_every_queue_with_its_arguments() {
+    let http = reqwest::Client::new();
+    if management(&http, "overview").await.is_none() {
+        eprintln!(
+            "management plugin not enabled: skipping (rabbitmq-plugins enable rabbitmq_management)"
+        );
+        return;
+    }
+    let env = TestEnv::new("mgmt");
+    let _broker = env.broker().await;
+    let topo = env.topology();
+    let mut shown = HashMap::new();
+    for q in topo.queues() {
+        let v = management_eventually(&http, &format!("queues/%2F/{q}")).await;
+        assert_eq!(v["durable"], true, "{q}");
+        shown.insert(q, v["arguments"].clone());
+    }
+    let work = &shown[&topo.work()];
+    assert_eq!(work["x-queue-type"], "quorum");
+    assert_eq!(work["x-dead-letter-exchange"], topo.dead());
+    assert_eq!(work["x-delivery-limit"], 20);
+    assert_eq!(work["x-dead-letter-strategy"], "at-least-once");
+    assert_eq!(work["x-overflow"], "reject-publish");
+    for tier in &topo.tiers {
+        let a = &shown[&tier.queue];
+        assert_eq!(a["x-queue-type"], "quorum", "{}", tier.queue);
+        assert_eq!(a["x-message-ttl"], tier.delay.as_millis() as u64);
+        assert_eq!(a["x-dead-letter-exchange"], "");
+        assert_eq!(a["x-dead-letter-routing-key"], topo.work());
+        assert_eq!(a["x-dead-letter-strategy"], "at-least-once");
+    }
+    let dead = &shown[&topo.dead()];
+    assert_eq!(dead["x-queue-type"], "quorum");
+    assert!(
+        dead.get("x-message-ttl").is_none(),
+        "dead letters never expire"
+    );
+    let x = management_eventually(&http, &format!("exchanges/%2F/{}", topo.exchange())).await;
+    assert_eq!(x["type"], "topic");
+    let x = management_eventually(&http, &format!("exchanges/%2F/{}", topo.dead())).await;
+    assert_eq!(x["type"], "fanout");
+}
