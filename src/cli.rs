@@ -116,6 +116,10 @@ pub struct BenchArgs {
     pub lru_keys: u32,
     #[arg(long)]
     pub json: bool,
+    /// Internal: run as the lone worker process whose memory the benchmark
+    /// measures (the benchmark starts it with its settings in the environment).
+    #[arg(long, hide = true)]
+    pub worker_rss_probe: bool,
 }
 
 /// Prints a line on stdout; a closed pipe (`hookq dlq list | head`) is not an error.

@@ -15,7 +15,13 @@ use hookq::{config, shutdown, telemetry};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    telemetry::init(cli.log_format);
+    let quiet = matches!(cli.command, Command::Simulate(_) | Command::Bench(_));
+    let filter = if quiet {
+        telemetry::QUIET_FILTER
+    } else {
+        telemetry::DEFAULT_FILTER
+    };
+    telemetry::init_with_default(cli.log_format, filter);
     let settings = match config::load(cli.config.as_deref()) {
         Ok(s) => s,
         Err(e) => {

@@ -9,6 +9,7 @@
 //! rather than queueing while the broker is away.
 
 pub mod codec;
+pub mod raw;
 pub mod topology;
 
 use std::sync::Arc;
@@ -454,9 +455,14 @@ fn incoming(d: lapin::message::Delivery) -> Incoming {
 pub struct Acker(lapin::Acker);
 
 impl Acker {
+    /// Errors when the ack could not be sent (lapin answers `false` when the
+    /// channel it came from is gone): the broker will redeliver the message.
     pub async fn ack(self) -> Result<(), Error> {
-        self.0.ack(BasicAckOptions::default()).await?;
-        Ok(())
+        if self.0.ack(BasicAckOptions::default()).await? {
+            Ok(())
+        } else {
+            Err(Error::Unavailable)
+        }
     }
 
     /// Hands the message back to the queue for another worker (or this one) to take.

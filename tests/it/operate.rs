@@ -1,1 +1,259 @@
-//! Running hookq for real: simulate (filled in by the simulate/bench work).
+//! Running hookq for real: `hookq simulate` and `hookq bench` as an operator
+//! runs them, the real binary against the real broker, reading their `--json`.
+
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::support::TestEnv;
+
+/// Runs the hookq binary with `env` and waits for it, killing it after `within`.
+fn hookq(args: &[&str], env: &[(String, String)], within: Duration) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hookq"))
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start hookq");
+    let deadline = Instant::now() + within;
+    loop {
+        if child.try_wait().expect("wait for hookq").is_some() {
+            return child.wait_with_output().expect("hookq output");
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("hookq output");
+            panic!(
+                "hookq {args:?} did not finish within {within:?}; stderr: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn json_of(out: &Output) -> Value {
+    assert!(
+        out.status.success(),
+        "exit {:?}; stderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "stdout is not one JSON object ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+fn num(v: &Value, field: &str) -> f64 {
+    v[field]
+        .as_f64()
+        .unwrap_or_else(|| panic!("{field} missing or not a number in {v}"))
+}
+
+#[test]
+fn simulate_json_outcomes_add_up() {
+    let env = TestEnv::new("simulate");
+    let out = hookq(
+        &[
+            "simulate",
+            "--deliveries",
+            "30",
+            "--failure-rate",
+            "0.3",
+            "--max-attempts",
+            "3",
+            "--json",
+        ],
+        &env.child_env(),
+        Duration::from_secs(60),
+    );
+    let r = json_of(&out);
+    let (total, ok, dead) = (num(&r, "total"), num(&r, "successful"), num(&r, "failed"));
+    assert_eq!(total, 30.0, "{r}");
+    assert_eq!(ok + dead, total, "every webhook delivered or dead: {r}");
+    assert_eq!(num(&r, "unsettled"), 0.0, "{r}");
+    assert_eq!(num(&r, "duplicates"), 0.0, "nothing delivered twice: {r}");
+
+    let dist: Vec<f64> = r["attempt_distribution"]
+        .as_array()
+        .expect("attempt_distribution")
+        .iter()
+        .map(|v| v.as_f64().expect("a count"))
+        .collect();
+    assert_eq!(dist.len(), 3, "one slot per attempt: {r}");
+    assert_eq!(dist.iter().sum::<f64>(), ok, "{r}");
+
+    assert!((num(&r, "success_rate") - ok / total).abs() < 1e-9, "{r}");
+    assert!((num(&r, "attempt_failure_probability") - 0.3).abs() < 1e-9);
+    let theory = 1.0 - 0.3f64.powi(3);
+    assert!((num(&r, "theoretical_success_rate") - theory).abs() < 1e-9);
+    // Theory says 97.3%; 24 or fewer of 30 has a probability below 1e-4.
+    assert!(ok >= 25.0, "far below 1 - P^K: {r}");
+
+    // Attempts at the target: each delivered webhook on its attempt, each dead one K times.
+    let attempts: f64 = dist
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (i + 1) as f64 * c)
+        .sum::<f64>()
+        + dead * 3.0;
+    assert!(
+        (num(&r, "average_attempts") - attempts / total).abs() < 1e-9,
+        "{r}"
+    );
+    assert!(
+        num(&r, "average_ms") >= 0.0 && num(&r, "p99_ms") >= 0.0,
+        "{r}"
+    );
+}
+
+#[test]
+fn simulate_counts_timeouts_as_failed_attempts() {
+    let env = TestEnv::new("simtimeout");
+    let out = hookq(
+        &[
+            "simulate",
+            "--deliveries",
+            "10",
+            "--failure-rate",
+            "0",
+            "--timeout-rate",
+            "1",
+            "--max-attempts",
+            "2",
+            "--json",
+        ],
+        &env.child_env(),
+        Duration::from_secs(60),
+    );
+    let r = json_of(&out);
+    // Every attempt times out: everything ends in P.dead after exactly 2 attempts.
+    assert_eq!(num(&r, "successful"), 0.0, "{r}");
+    assert_eq!(num(&r, "failed"), 10.0, "{r}");
+    assert_eq!(num(&r, "average_attempts"), 2.0, "{r}");
+    assert_eq!(num(&r, "theoretical_success_rate"), 0.0, "{r}");
+}
+
+#[test]
+fn simulate_and_bench_refuse_bad_arguments_with_exit_2() {
+    let env = TestEnv::new("badargs").child_env();
+    for (args, flag) in [
+        (&["simulate", "--failure-rate", "1.5"][..], "--failure-rate"),
+        (&["simulate", "--timeout-rate=-0.1"][..], "--timeout-rate"),
+        (&["simulate", "--deliveries", "0"][..], "--deliveries"),
+        (&["simulate", "--max-attempts", "0"][..], "--max-attempts"),
+        (&["bench", "--messages", "0"][..], "--messages"),
+        (&["bench", "--connections", "0"][..], "--connections"),
+    ] {
+        let out = hookq(args, &env, Duration::from_secs(20));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains(flag),
+            "{args:?} should name {flag}: {stderr}"
+        );
+    }
+}
+
+#[test]
+fn simulate_without_a_broker_exits_1_saying_how_to_start_it() {
+    let mut env = TestEnv::new("nobroker").child_env();
+    env.retain(|(k, _)| k != "HOOKQ__AMQP__URL");
+    env.push((
+        "HOOKQ__AMQP__URL".into(),
+        "amqp://guest:guest@127.0.0.1:1/%2f".into(),
+    ));
+    for cmd in ["simulate", "bench"] {
+        let out = hookq(&[cmd, "--json"], &env, Duration::from_secs(30));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{cmd}: {stderr}");
+        assert!(stderr.contains("start RabbitMQ"), "{cmd}: {stderr}");
+        assert!(
+            out.stdout.is_empty(),
+            "{cmd} printed a result without a broker"
+        );
+    }
+}
+
+#[test]
+fn bench_json_has_every_figure() {
+    let env = TestEnv::new("bench");
+    let started = Instant::now();
+    let out = hookq(
+        &[
+            "bench",
+            "--messages",
+            "500",
+            "--connections",
+            "16",
+            "--lru-keys",
+            "5000",
+            "--json",
+        ],
+        &env.child_env(),
+        Duration::from_secs(60),
+    );
+    let r = json_of(&out);
+    for rate in [
+        "raw_publish_per_s",
+        "raw_consume_per_s",
+        "ingress_per_s",
+        "worker_per_s",
+        "ingress_ratio",
+        "worker_ratio",
+        "peak_rss_mib",
+        "worker_rss_before_mib",
+        "worker_rss_after_mib",
+        "raw_publish_cpu_us",
+        "raw_consume_cpu_us",
+        "ingress_cpu_us",
+        "worker_cpu_us",
+        "ingress_publish_avg_ms",
+        "worker_delivery_avg_ms",
+        "worker_dedup_commits",
+    ] {
+        assert!(num(&r, rate) > 0.0, "{rate} should be positive: {r}");
+    }
+    for rounds in ["raw_publish_rounds", "raw_consume_rounds"] {
+        let v = r[rounds].as_array().expect(rounds);
+        assert!(
+            v.len() == 2 && v.iter().all(|x| x.as_f64().is_some_and(|x| x > 0.0)),
+            "{rounds}: {r}"
+        );
+    }
+    for latency in [
+        "ingress_p50_ms",
+        "ingress_p99_ms",
+        "e2e_p50_ms",
+        "e2e_p99_ms",
+    ] {
+        assert!(num(&r, latency) >= 0.0, "{latency}: {r}");
+    }
+    assert!(
+        num(&r, "ingress_p50_ms") <= num(&r, "ingress_p99_ms"),
+        "{r}"
+    );
+    assert!(num(&r, "e2e_p50_ms") <= num(&r, "e2e_p99_ms"), "{r}");
+    assert_eq!(num(&r, "messages"), 500.0);
+    assert_eq!(num(&r, "ingress_errors"), 0.0, "{r}");
+    assert!(num(&r, "e2e_messages") >= 50.0, "{r}");
+    assert!(num(&r, "worker_lru_len") >= 5000.0, "{r}");
+    let ratio = num(&r, "ingress_per_s") / num(&r, "raw_publish_per_s");
+    assert!((num(&r, "ingress_ratio") - ratio).abs() < 1e-6, "{r}");
+    let goals = r["goals"].as_array().expect("goals");
+    assert_eq!(goals.len(), 4, "{r}");
+    for g in goals {
+        assert!(g["met"].is_boolean() && g["value"].is_number(), "{g}");
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "a 500-message bench took {:?}",
+        started.elapsed()
+    );
+}
