@@ -2,6 +2,7 @@
 //! files and real HTTP servers on port 0. Each test has its own amqp.prefix and
 //! temp dir; its queues are deleted when its `TestEnv` drops.
 
+#[macro_use]
 mod support;
 
 mod dedup;

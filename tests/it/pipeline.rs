@@ -16,18 +16,6 @@ use crate::support::{Client, FakeTarget, TestEnv, wait_until};
 
 const T: Duration = Duration::from_secs(10);
 
-macro_rules! on_both_queue_types {
-    ($($name:ident),* $(,)?) => {$(
-        mod $name {
-            use super::*;
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn quorum() { super::$name(QueueType::Quorum).await }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn classic() { super::$name(QueueType::Classic).await }
-        }
-    )*};
-}
-
 on_both_queue_types!(
     delivered_on_first_try,
     server_error_then_ok_recovers_in_process,

@@ -202,18 +202,6 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
-macro_rules! on_both_queue_types {
-    ($($name:ident),* $(,)?) => {$(
-        mod $name {
-            use super::*;
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn quorum() { super::$name(QueueType::Quorum).await }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn classic() { super::$name(QueueType::Classic).await }
-        }
-    )*};
-}
-
 on_both_queue_types!(each_filter_moves_exactly_the_matching_ones);
 
 /// --key, then --source, then --reason: each moves exactly its matches, the

@@ -16,6 +16,20 @@ use hookq::message::Envelope;
 use hookq::serve::{self, Parts, Running};
 use tokio_util::sync::CancellationToken;
 
+/// Runs each named `async fn name(q: QueueType)` as two tests, one per queue type.
+#[allow(unused_macros)]
+macro_rules! on_both_queue_types {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            use super::*;
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn quorum() { super::$name(QueueType::Quorum).await }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn classic() { super::$name(QueueType::Classic).await }
+        }
+    )*};
+}
+
 pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
 /// Polls `cond` every 20 ms until it holds or `within` passes.
