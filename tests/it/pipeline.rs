@@ -253,7 +253,7 @@ async fn failed_republish_hands_the_message_back(q: QueueType) {
     let up = env.up().await;
     let broker = env.broker().await;
     let tier = env.topology().tiers[0].queue.clone();
-    delete_queue(&env, &tier).await;
+    env.delete_queue(&tier).await;
     let key = Client::new(up.ingress_addr.unwrap())
         .send("s", "k1", "{}")
         .await;
@@ -273,26 +273,12 @@ async fn failed_republish_hands_the_message_back(q: QueueType) {
     assert_eq!(dead[0].key.0, key);
 }
 
-async fn delete_queue(env: &TestEnv, queue: &str) {
-    let conn = lapin::Connection::connect(&env.settings.amqp.url, Default::default())
-        .await
-        .unwrap();
-    let ch = conn.create_channel().await.unwrap();
-    ch.queue_delete(queue.into(), Default::default())
-        .await
-        .unwrap();
-    let _ = conn.close(200, "bye".into()).await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unroutable_publish_is_not_accepted() {
     let env = TestEnv::new("unroutable");
     let up = env.up().await;
     // Nothing is bound to the exchange any more: the broker returns the message.
-    let conn = lapin::Connection::connect(&env.settings.amqp.url, Default::default())
-        .await
-        .unwrap();
-    let ch = conn.create_channel().await.unwrap();
+    let (conn, ch) = env.raw_channel().await;
     let topo = env.topology();
     ch.queue_unbind(
         topo.work().as_str().into(),

@@ -590,7 +590,7 @@ async fn a_refused_move_stops_the_run_and_a_rerun_finishes() {
         broker.queue_len(&work).await.unwrap() >= 100
     })
     .await;
-    delete_queue(&env, &work).await;
+    env.delete_queue(&work).await;
     let out = child.wait_with_output().await.unwrap();
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     assert!(stderr(&out).contains("again to finish"), "{}", stderr(&out));
@@ -621,22 +621,6 @@ async fn a_refused_move_stops_the_run_and_a_rerun_finishes() {
     .await;
 }
 
-async fn raw_channel(env: &TestEnv) -> (lapin::Connection, lapin::Channel) {
-    let conn = lapin::Connection::connect(&env.settings.amqp.url, Default::default())
-        .await
-        .unwrap();
-    let ch = conn.create_channel().await.unwrap();
-    (conn, ch)
-}
-
-async fn delete_queue(env: &TestEnv, queue: &str) {
-    let (conn, ch) = raw_channel(env).await;
-    ch.queue_delete(queue.into(), Default::default())
-        .await
-        .unwrap();
-    let _ = conn.close(200, "bye".into()).await;
-}
-
 /// A message put in P.dead by hand, without hookq's headers: listed, counted,
 /// never moved.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -644,7 +628,7 @@ async fn a_foreign_message_in_the_dead_queue_is_listed_and_never_moved() {
     let env = TestEnv::new("foreign");
     let broker = env.broker().await;
     let dead = env.topology().dead();
-    let (conn, ch) = raw_channel(&env).await;
+    let (conn, ch) = env.raw_channel().await;
     ch.confirm_select(Default::default()).await.unwrap();
     ch.basic_publish(
         dead.as_str().into(),

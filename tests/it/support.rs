@@ -166,6 +166,24 @@ impl TestEnv {
         out
     }
 
+    /// A plain lapin connection and channel, for doing to the broker what hookq never does.
+    pub async fn raw_channel(&self) -> (lapin::Connection, lapin::Channel) {
+        let conn = lapin::Connection::connect(&self.settings.amqp.url, Default::default())
+            .await
+            .unwrap();
+        let ch = conn.create_channel().await.unwrap();
+        (conn, ch)
+    }
+
+    /// Deletes a queue under hookq's feet.
+    pub async fn delete_queue(&self, queue: &str) {
+        let (conn, ch) = self.raw_channel().await;
+        ch.queue_delete(queue.into(), Default::default())
+            .await
+            .unwrap();
+        let _ = conn.close(200, "bye".into()).await;
+    }
+
     /// Environment for a `hookq` child process with these settings.
     pub fn child_env(&self) -> Vec<(String, String)> {
         let s = &self.settings;
