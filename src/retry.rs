@@ -115,7 +115,10 @@ impl Policy {
     /// jitter only adds to a Retry-After.
     pub fn jittered(&self, d: Duration, u: f64, floor: Option<Duration>) -> Duration {
         let factor = 1.0 + self.jitter * (2.0 * u - 1.0);
-        d.mul_f64(factor.max(0.0)).max(floor.unwrap_or_default())
+        // try_from: a huge configured backoff saturates instead of panicking.
+        Duration::try_from_secs_f64(d.as_secs_f64() * factor.max(0.0))
+            .unwrap_or(Duration::MAX)
+            .max(floor.unwrap_or_default())
     }
 
     /// The per-message expiry inside a delay tier: the tier's TTL shortened by up to

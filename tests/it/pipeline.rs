@@ -26,6 +26,15 @@ on_both_queue_types!(
     failed_republish_hands_the_message_back,
 );
 
+/// Starts `up` and sends one webhook (source `s`, id `k1`); returns its key.
+async fn up_and_send_one(env: &TestEnv, body: &str) -> (hookq::serve::Running, String) {
+    let up = env.up().await;
+    let key = Client::new(up.ingress_addr.unwrap())
+        .send("s", "k1", body)
+        .await;
+    (up, key)
+}
+
 async fn delivered_on_first_try(q: QueueType) {
     let target = FakeTarget::ok().await;
     let env = TestEnv::new("first")
@@ -90,10 +99,7 @@ async fn server_error_then_ok_recovers_in_process(q: QueueType) {
     let env = TestEnv::new("inline")
         .with_queue_type(q)
         .with_target(&target.url);
-    let up = env.up().await;
-    let key = Client::new(up.ingress_addr.unwrap())
-        .send("s", "k1", "{}")
-        .await;
+    let (up, key) = up_and_send_one(&env, "{}").await;
     wait_until(T, "two attempts", || async { target.count() == 2 }).await;
     let attempts: Vec<_> = target
         .for_key(&key)
@@ -134,10 +140,7 @@ async fn failures_travel_through_the_delay_tiers_then_succeed(q: QueueType) {
     env.settings.retry.max_attempts = 5;
     env.settings.retry.inline_attempts = 1;
     env.settings.retry.delays_ms = vec![100, 200, 400];
-    let up = env.up().await;
-    let key = Client::new(up.ingress_addr.unwrap())
-        .send("s", "k1", "{}")
-        .await;
+    let (_up, key) = up_and_send_one(&env, "{}").await;
     wait_until(T, "four attempts", || async { target.count() == 4 }).await;
     let got = target.for_key(&key);
     let attempts: Vec<_> = got
@@ -171,10 +174,7 @@ async fn exhausted_retries_end_in_the_dead_queue(q: QueueType) {
         .with_target(&target.url);
     env.settings.retry.max_attempts = 4;
     env.settings.retry.inline_attempts = 2;
-    let up = env.up().await;
-    let key = Client::new(up.ingress_addr.unwrap())
-        .send("s", "k1", r#"{"x":1}"#)
-        .await;
+    let (_up, key) = up_and_send_one(&env, r#"{"x":1}"#).await;
     wait_until(T, "a dead letter", || async {
         env.queue_len(&env.topology().dead()).await == 1
     })
@@ -198,10 +198,7 @@ async fn client_error_is_dead_lettered_as_rejected_after_one_delivery(q: QueueTy
     let env = TestEnv::new("rejected")
         .with_queue_type(q)
         .with_target(&target.url);
-    let up = env.up().await;
-    let key = Client::new(up.ingress_addr.unwrap())
-        .send("s", "k1", "{}")
-        .await;
+    let (_up, key) = up_and_send_one(&env, "{}").await;
     wait_until(T, "a dead letter", || async {
         env.queue_len(&env.topology().dead()).await == 1
     })
@@ -226,10 +223,7 @@ async fn retry_after_is_honoured(q: QueueType) {
     let env = TestEnv::new("retryafter")
         .with_queue_type(q)
         .with_target(&target.url);
-    let up = env.up().await;
-    let key = Client::new(up.ingress_addr.unwrap())
-        .send("s", "k1", "{}")
-        .await;
+    let (_up, key) = up_and_send_one(&env, "{}").await;
     wait_until(T, "two attempts", || async { target.count() == 2 }).await;
     let got = target.for_key(&key);
     let gap = got[1].at - got[0].at;
