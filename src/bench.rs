@@ -235,12 +235,16 @@ fn sample(body: &[u8], key: &str) -> Envelope {
     Envelope::received(
         "bench",
         DedupKey(format!("bench:{key}")),
-        body.to_vec(),
+        bytes::Bytes::copy_from_slice(body),
         Some("application/octet-stream".into()),
-        vec![
-            ("idempotency-key".into(), key.into()),
-            ("user-agent".into(), "hookq-bench".into()),
-        ],
+        [
+            ("idempotency-key", key),
+            ("user-agent", "hookq-bench"),
+            ("content-type", "application/octet-stream"),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| Some((http::HeaderName::from_static(k), v.parse().ok()?)))
+        .collect(),
     )
 }
 

@@ -114,6 +114,9 @@ pub struct WorkerSettings {
     pub target: Option<String>,
     pub timeout_ms: u64,
     pub metrics_listen: SocketAddr,
+    /// Not in the SPEC's table: how long a stop waits for in-flight messages
+    /// before it hands the rest back.
+    pub grace_ms: u64,
 }
 
 impl Default for WorkerSettings {
@@ -124,6 +127,7 @@ impl Default for WorkerSettings {
             target: None,
             timeout_ms: 10_000,
             metrics_listen: SocketAddr::from(([127, 0, 0, 1], 9091)),
+            grace_ms: 20_000,
         }
     }
 }
@@ -131,6 +135,10 @@ impl Default for WorkerSettings {
 impl WorkerSettings {
     pub fn timeout(&self) -> Duration {
         Duration::from_millis(self.timeout_ms)
+    }
+
+    pub fn grace(&self) -> Duration {
+        Duration::from_millis(self.grace_ms)
     }
 }
 
@@ -143,6 +151,7 @@ pub struct RetrySettings {
     #[serde(deserialize_with = "ms_list")]
     pub delays_ms: Vec<u64>,
     pub jitter: f64,
+    pub max_delay_ms: u64,
 }
 
 impl Default for RetrySettings {
@@ -153,7 +162,23 @@ impl Default for RetrySettings {
             inline_delay_ms: 100,
             delays_ms: vec![1000, 5000, 30_000, 120_000, 600_000],
             jitter: 0.1,
+            max_delay_ms: 86_400_000,
         }
+    }
+}
+
+impl RetrySettings {
+    /// The longest a message can stay with the broker before its last attempt:
+    /// every retry but the first delivery may wait in a delay tier, each wait
+    /// either its tier or a `Retry-After` of up to `max_delay_ms`.
+    pub fn longest_stay_ms(&self) -> u64 {
+        let last = self.delays_ms.len().saturating_sub(1);
+        (0..self.max_attempts.saturating_sub(1) as usize)
+            .map(|k| {
+                let tier = self.delays_ms.get(k.min(last)).copied().unwrap_or(0);
+                tier.max(self.max_delay_ms)
+            })
+            .fold(0u64, u64::saturating_add)
     }
 }
 
@@ -188,6 +213,11 @@ pub struct DedupSettings {
     pub path: PathBuf,
     pub lru_capacity: usize,
     pub retention_ms: u64,
+    /// Not in the SPEC's table: how long a worker's claim on a key outlives the
+    /// worker's last sign of life (it renews it while it runs). After a SIGKILL,
+    /// the killed worker's messages wait at most this long before another
+    /// worker takes them over.
+    pub lease_ms: u64,
 }
 
 impl Default for DedupSettings {
@@ -196,6 +226,7 @@ impl Default for DedupSettings {
             path: PathBuf::from("data/hookq.db"),
             lru_capacity: 100_000,
             retention_ms: 604_800_000,
+            lease_ms: 10_000,
         }
     }
 }
@@ -305,7 +336,9 @@ pub fn load_with_env(
     let mut envsrc = config::Environment::with_prefix("HOOKQ")
         .prefix_separator("__")
         .separator("__")
-        .try_parsing(true);
+        // Values stay text: "00123" is a secret, not the number 123. Numbers and
+        // booleans are parsed by the field they land in (serde asks for them).
+        .try_parsing(false);
     if let Some(env) = env {
         envsrc = envsrc.source(Some(env.into_iter().collect()));
     }
@@ -348,6 +381,24 @@ fn check_url(key: &str, url: &str) -> Result<(), ConfigError> {
         )),
         Err(e) => Err(ConfigError::new(key, format!("not a URL: {e}"))),
     }
+}
+
+/// The longest duration any `*_ms` key takes (10 years): anything longer is a
+/// typo, and bounding it keeps every later conversion (to `i64` milliseconds for
+/// SQLite, to an `Instant` deadline) free of overflow.
+pub const MAX_MS: u64 = 10 * 365 * 86_400_000;
+
+fn check_ms(key: &str, value: u64, min: u64) -> Result<(), ConfigError> {
+    if value < min {
+        return Err(ConfigError::new(key, format!("must be at least {min} ms")));
+    }
+    if value > MAX_MS {
+        return Err(ConfigError::new(
+            key,
+            format!("{value} ms is more than 10 years ({MAX_MS} ms)"),
+        ));
+    }
+    Ok(())
 }
 
 impl Settings {
@@ -393,19 +444,13 @@ impl Settings {
                 "must be at least 1",
             ));
         }
-        if i.publish_timeout_ms == 0 {
-            return Err(ConfigError::new(
-                "ingress.publish_timeout_ms",
-                "must be at least 1",
-            ));
-        }
+        check_ms("ingress.publish_timeout_ms", i.publish_timeout_ms, 1)?;
         let w = &self.worker;
         if w.concurrency == 0 {
             return Err(ConfigError::new("worker.concurrency", "must be at least 1"));
         }
-        if w.timeout_ms == 0 {
-            return Err(ConfigError::new("worker.timeout_ms", "must be at least 1"));
-        }
+        check_ms("worker.timeout_ms", w.timeout_ms, 1)?;
+        check_ms("worker.grace_ms", w.grace_ms, 0)?;
         if let Some(t) = &w.target {
             check_url("worker.target", t)?;
         }
@@ -431,6 +476,18 @@ impl Settings {
                 "each delay must fit a queue TTL (at most 4294967295 ms)",
             ));
         }
+        if r.delays_ms.windows(2).any(|w| w[1] < w[0]) {
+            return Err(ConfigError::new(
+                "retry.delays_ms",
+                format!(
+                    "{:?} is not ascending: the k-th broker retry waits delays_ms[min(k-1, last)], \
+                     so each tier must be at least as long as the one before",
+                    r.delays_ms
+                ),
+            ));
+        }
+        check_ms("retry.inline_delay_ms", r.inline_delay_ms, 0)?;
+        check_ms("retry.max_delay_ms", r.max_delay_ms, 1)?;
         if !(0.0..1.0).contains(&r.jitter) {
             return Err(ConfigError::new("retry.jitter", "must be in [0, 1)"));
         }
@@ -438,8 +495,22 @@ impl Settings {
         if d.lru_capacity == 0 {
             return Err(ConfigError::new("dedup.lru_capacity", "must be at least 1"));
         }
-        if d.retention_ms == 0 {
-            return Err(ConfigError::new("dedup.retention_ms", "must be at least 1"));
+        check_ms("dedup.retention_ms", d.retention_ms, 1)?;
+        check_ms("dedup.lease_ms", d.lease_ms, 100)?;
+        let stay = r.longest_stay_ms();
+        if d.retention_ms < stay {
+            return Err(ConfigError::new(
+                "dedup.retention_ms",
+                format!(
+                    "{} ms is shorter than the longest a message can stay with the broker before \
+                     its last attempt ({stay} ms: {} retries, each waiting its tier of retry.delays_ms \
+                     or a Retry-After of up to retry.max_delay_ms); pruning would free the key of a \
+                     message still in flight. Raise dedup.retention_ms, or lower retry.max_delay_ms, \
+                     retry.delays_ms or retry.max_attempts",
+                    d.retention_ms,
+                    r.max_attempts.saturating_sub(1)
+                ),
+            ));
         }
         for (name, s) in &self.sources {
             if !valid_source_name(name) {
@@ -449,6 +520,7 @@ impl Settings {
                 ));
             }
             s.verifier(name)?;
+            check_ms(&format!("sources.{name}.tolerance_ms"), s.tolerance_ms, 1)?;
             if let Some(t) = &s.target {
                 check_url(&format!("sources.{name}.target"), t)?;
             }
@@ -530,6 +602,10 @@ mod tests {
         assert_eq!(s.retry.delays_ms, d.retry.delays_ms);
         assert_eq!(s.dedup.retention_ms, d.dedup.retention_ms);
         assert_eq!(s.ingress.listen, d.ingress.listen);
+        assert_eq!(s.retry.max_delay_ms, d.retry.max_delay_ms);
+        assert_eq!(s.dedup.lease_ms, d.dedup.lease_ms);
+        assert_eq!(s.worker.grace_ms, d.worker.grace_ms);
+        assert_eq!(s.amqp.delivery_limit, d.amqp.delivery_limit);
     }
 
     #[test]
@@ -601,6 +677,96 @@ mod tests {
         );
         let err = load_with_env(Some(f.path()), env(&[])).unwrap_err();
         assert_eq!(err.key, "sources.gh.secret_env");
+    }
+
+    #[test]
+    fn environment_values_are_text_unless_the_key_is_a_number() {
+        let f = file(
+            "[worker]\nhandler = \"log\"\n[sources.x]\nverify = \"hmac-sha256\"\nsignature_header = \"x-sig\"\n",
+        );
+        let s = load_with_env(
+            Some(f.path()),
+            env(&[
+                ("HOOKQ__SOURCES__X__SECRET", "00123"),
+                ("HOOKQ__SOURCES__X__TOLERANCE_MS", "1500"),
+                ("HOOKQ__AMQP__PREFIX", "007"),
+                ("HOOKQ__INGRESS__ALLOW_UNKNOWN_SOURCES", "true"),
+                ("HOOKQ__AMQP__PREFETCH", "16"),
+            ]),
+        )
+        .unwrap();
+        let x = &s.sources["x"];
+        assert_eq!(x.secret.as_deref(), Some("00123"));
+        assert_eq!(x.tolerance_ms, 1500);
+        assert_eq!(s.amqp.prefix, "007");
+        assert!(s.ingress.allow_unknown_sources);
+        assert_eq!(s.amqp.prefetch, 16);
+        let bad =
+            load_with_env(Some(f.path()), env(&[("HOOKQ__AMQP__PREFETCH", "many")])).unwrap_err();
+        assert_eq!(bad.key, "amqp.prefetch", "{bad}");
+    }
+
+    #[test]
+    fn inconsistent_settings_are_refused_naming_the_keys() {
+        let cases = [
+            // Not ascending.
+            (
+                "[retry]\ndelays_ms = [5000, 1000]\n",
+                "retry.delays_ms",
+                "ascending",
+            ),
+            // A retention shorter than a message's longest stay with the broker.
+            (
+                "[dedup]\nretention_ms = 3600000\n",
+                "dedup.retention_ms",
+                "retry.max_delay_ms",
+            ),
+            (
+                "[retry]\nmax_delay_ms = 0\n",
+                "retry.max_delay_ms",
+                "at least",
+            ),
+        ];
+        for (text, key, says) in cases {
+            let f = file(&format!("[worker]\nhandler = \"log\"\n{text}"));
+            let err = load_with_env(Some(f.path()), env(&[])).unwrap_err();
+            assert_eq!(err.key, key, "{text:?}: {err}");
+            assert!(err.to_string().contains(says), "{text:?}: {err}");
+        }
+        // Values that would overflow a conversion (u64::MAX does not fit TOML's
+        // integers, but it does fit an environment variable).
+        let f = file("[worker]\nhandler = \"log\"\n");
+        for var in ["HOOKQ__DEDUP__RETENTION_MS", "HOOKQ__WORKER__TIMEOUT_MS"] {
+            let err =
+                load_with_env(Some(f.path()), env(&[(var, "18446744073709551615")])).unwrap_err();
+            let key = var
+                .trim_start_matches("HOOKQ__")
+                .replace("__", ".")
+                .to_lowercase();
+            assert_eq!(err.key, key, "{err}");
+            assert!(err.to_string().contains("10 years"), "{err}");
+        }
+        // Repeating a tier is fine (two retries at that wait); a short retention
+        // fits when the retries fit in it.
+        let ok = file(
+            "[worker]\nhandler = \"log\"\n[retry]\ndelays_ms = [100, 100, 400]\nmax_delay_ms = 500\n\
+             [dedup]\nretention_ms = 3600000\n",
+        );
+        load_with_env(Some(ok.path()), env(&[])).unwrap();
+    }
+
+    #[test]
+    fn longest_stay_counts_every_retry_at_its_longest_wait() {
+        let r = RetrySettings {
+            max_attempts: 4,
+            delays_ms: vec![100, 1000],
+            max_delay_ms: 500,
+            ..Default::default()
+        };
+        // Three retries: max(100, 500) + max(1000, 500) + max(1000, 500).
+        assert_eq!(r.longest_stay_ms(), 2500);
+        let defaults = RetrySettings::default();
+        assert_eq!(defaults.longest_stay_ms(), 4 * 86_400_000);
     }
 
     #[test]

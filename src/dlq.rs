@@ -173,6 +173,13 @@ impl DeadLetters {
                 }
             }
         }
+        // Held messages are in reading order, so the last one has the highest
+        // delivery tag: one multiple nack hands every held message back.
+        if let Some(last) = self.held.pop()
+            && let Err(e) = last.requeue_through().await
+        {
+            tracing::debug!(error = %e, "hand-back failed; closing the channel returns them");
+        }
         self.reader.close().await;
         drop(self.held);
     }

@@ -55,6 +55,14 @@ impl Error {
         }
     }
 
+    /// The target's Retry-After, if it gave one.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::Status { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+
     pub fn status(&self) -> Option<u16> {
         match self {
             Self::Status { status, .. } => Some(*status),
@@ -67,16 +75,63 @@ pub enum Handler {
     Http {
         client: reqwest::Client,
         timeout: Duration,
-        default_target: Option<String>,
-        targets: HashMap<String, String>,
+        default_target: Option<Target>,
+        targets: HashMap<String, Target>,
     },
     Log,
 }
 
+/// A delivery URL, parsed once, with the form that may be shown.
+#[derive(Clone)]
+pub struct Target {
+    url: reqwest::Url,
+    /// Scheme, host, port and path: a query string or user info may hold a
+    /// token, so errors, logs and dead letters name the target by this alone.
+    shown: String,
+}
+
+impl Target {
+    pub fn parse(url: &str) -> Result<Self, url::ParseError> {
+        let url = reqwest::Url::parse(url)?;
+        let shown = redact(&url);
+        Ok(Self { url, shown })
+    }
+}
+
+impl std::fmt::Debug for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.shown)
+    }
+}
+
+/// `scheme://host[:port]/path`, without user info, query or fragment.
+pub fn redact(url: &reqwest::Url) -> String {
+    let host = url.host_str().unwrap_or("");
+    match url.port() {
+        Some(p) => format!("{}://{host}:{p}{}", url.scheme(), url.path()),
+        None => format!("{}://{host}{}", url.scheme(), url.path()),
+    }
+}
+
+/// A reqwest error as text without the URL it carries (and its causes, which
+/// reqwest's own text leaves out): "POST http://host:port/path: connection
+/// refused".
+fn describe(target: &Target, e: reqwest::Error) -> String {
+    let e = e.without_url();
+    let mut text = format!("{}: {e}", target.shown);
+    let mut cause = std::error::Error::source(&e);
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
+}
+
 /// Headers hookq sets itself on the delivery; the forwarded copies are dropped.
-fn ours(name: &str) -> bool {
-    let n = name.to_ascii_lowercase();
-    n == "content-type" || n == "idempotency-key" || n.starts_with("hookq-")
+fn ours(name: &http::HeaderName) -> bool {
+    let n = name.as_str(); // header names are lower-case
+    n == "idempotency-key" || n.starts_with("hookq-")
 }
 
 impl Handler {
@@ -90,12 +145,18 @@ impl Handler {
                     .redirect(reqwest::redirect::Policy::none())
                     .build()?,
                 timeout: settings.worker.timeout(),
-                default_target: settings.worker.target.clone(),
+                default_target: settings
+                    .worker
+                    .target
+                    .as_deref()
+                    .map(Target::parse)
+                    .transpose()?,
                 targets: settings
                     .sources
                     .iter()
-                    .filter_map(|(n, s)| s.target.clone().map(|t| (n.clone(), t)))
-                    .collect(),
+                    .filter_map(|(n, s)| s.target.as_deref().map(|t| (n, t)))
+                    .map(|(n, t)| Ok((n.clone(), Target::parse(t)?)))
+                    .collect::<Result<_, url::ParseError>>()?,
             },
         })
     }
@@ -117,15 +178,23 @@ impl Handler {
                     .get(&env.source)
                     .or(default_target.as_ref())
                     .ok_or_else(|| Error::NoTarget(env.source.clone()))?;
-                let mut req = client.post(target);
-                for (k, v) in &env.headers {
-                    if !ours(k) {
-                        req = req.header(k.as_str(), v.as_str());
-                    }
+                let mut headers = env.headers.clone();
+                let theirs: Vec<http::HeaderName> =
+                    headers.keys().filter(|k| ours(k)).cloned().collect();
+                for k in theirs {
+                    headers.remove(k);
                 }
-                if let Some(ct) = &env.content_type {
-                    req = req.header("content-type", ct.as_str());
+                // The request's own Content-Type is among the forwarded headers;
+                // a message published by other means may only have the property.
+                if !headers.contains_key(http::header::CONTENT_TYPE)
+                    && let Some(ct) = env
+                        .content_type
+                        .as_deref()
+                        .and_then(|c| http::HeaderValue::from_str(c).ok())
+                {
+                    headers.insert(http::header::CONTENT_TYPE, ct);
                 }
+                let req = client.post(target.url.clone()).headers(headers);
                 let resp = req
                     .header("idempotency-key", env.key.0.as_str())
                     .header("hookq-source", env.source.as_str())
@@ -138,12 +207,16 @@ impl Handler {
                         if e.is_timeout() {
                             Error::Timeout(*timeout)
                         } else if e.is_connect() {
-                            Error::Connect(e.to_string())
+                            Error::Connect(describe(target, e))
                         } else if e.is_builder() {
                             // A forwarded header reqwest cannot send: the message itself is bad.
-                            Error::NoTarget(format!("{} (bad request: {e})", env.source))
+                            Error::NoTarget(format!(
+                                "{} (bad request: {})",
+                                env.source,
+                                describe(target, e)
+                            ))
                         } else {
-                            Error::Other(e.to_string())
+                            Error::Other(describe(target, e))
                         }
                     })?;
                 let status = resp.status().as_u16();

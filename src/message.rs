@@ -7,6 +7,9 @@
 use std::fmt;
 use std::time::SystemTime;
 
+use bytes::Bytes;
+use http::HeaderMap;
+
 /// Header names, spelled once.
 pub mod header {
     pub const SOURCE: &str = "hookq-source";
@@ -107,7 +110,10 @@ pub struct DeadInfo {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Envelope {
     pub message_id: MessageId,
-    pub body: Vec<u8>,
+    /// The request body, byte for byte; cheap to clone (shared, not copied).
+    pub body: Bytes,
+    /// The AMQP `content_type` property. A Content-Type that does not fit one
+    /// (over 255 bytes, or not UTF-8) travels only in `headers`.
     pub content_type: Option<String>,
     /// Seconds since the epoch, the AMQP `timestamp` property.
     pub timestamp: u64,
@@ -117,8 +123,9 @@ pub struct Envelope {
     pub attempts: u32,
     /// RFC 3339.
     pub received_at: String,
-    /// The request's headers worth forwarding, in arrival order (names lower-case).
-    pub headers: Vec<(String, String)>,
+    /// The request's headers worth forwarding, repeats and raw bytes kept
+    /// (a latin-1 value stays latin-1).
+    pub headers: HeaderMap,
     pub dead: Option<DeadInfo>,
     pub previous_dead_reason: Option<String>,
     pub shovelled: u32,
@@ -131,9 +138,9 @@ impl Envelope {
     pub fn received(
         source: &str,
         key: DedupKey,
-        body: Vec<u8>,
+        body: Bytes,
         content_type: Option<String>,
-        headers: Vec<(String, String)>,
+        headers: HeaderMap,
     ) -> Self {
         let now = SystemTime::now();
         Self {
@@ -162,9 +169,33 @@ pub fn rfc3339_now() -> String {
     humantime::format_rfc3339_millis(SystemTime::now()).to_string()
 }
 
-/// Request headers that must not travel with the message: hop-by-hop headers
-/// (RFC 9110 7.6.1), Host and Content-Length (they describe the ingress hop), and
+/// The request headers that travel with the message: all but the hop-by-hop
+/// ones (RFC 9110 7.6.1: the fixed list and every header the `Connection`
+/// header names), Host and Content-Length (they describe the ingress hop), and
 /// credentials meant for the ingress, not for the user's application.
+pub fn forwardable_headers(mut headers: HeaderMap) -> HeaderMap {
+    let named: Vec<http::HeaderName> = headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .filter_map(|token| http::HeaderName::from_bytes(token.trim_ascii()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    let dropped: Vec<http::HeaderName> = headers
+        .keys()
+        .filter(|k| !is_forwardable_header(k.as_str()))
+        .cloned()
+        .collect();
+    for name in dropped {
+        headers.remove(name);
+    }
+    headers
+}
+
+/// Whether a header, by its name alone, may travel with the message (see
+/// [`forwardable_headers`], which also drops what `Connection` names).
 pub fn is_forwardable_header(name: &str) -> bool {
     const DROPPED: [&str; 14] = [
         "connection",
@@ -190,6 +221,36 @@ pub fn is_forwardable_header(name: &str) -> bool {
 pub fn epoch_ms() -> u64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_and_connection_named_headers_stay_behind() {
+        let mut h = HeaderMap::new();
+        for (k, v) in [
+            ("connection", "keep-alive, X-Drop-Me"),
+            ("connection", "x-also"),
+            ("x-drop-me", "1"),
+            ("x-also", "2"),
+            ("x-keep", "3"),
+            ("x-keep", "4"),
+            ("authorization", "Bearer t"),
+            ("keep-alive", "timeout=5"),
+            ("content-type", "application/json"),
+        ] {
+            h.append(
+                http::HeaderName::from_static(k),
+                http::HeaderValue::from_static(v),
+            );
+        }
+        let out = forwardable_headers(h);
+        let names: Vec<_> = out.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["x-keep", "content-type"]);
+        assert_eq!(out.get_all("x-keep").iter().count(), 2);
+    }
 }

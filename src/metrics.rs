@@ -31,6 +31,9 @@ pub struct TierLabels {
     pub tier: &'static str,
 }
 
+/// The `source` label of every source not named in the configuration.
+pub const OTHER_SOURCE: &str = "_other";
+
 fn latency() -> Histogram {
     // 0.5 ms .. ~16 s
     Histogram::new(exponential_buckets(0.0005, 2.0, 16))
@@ -38,7 +41,13 @@ fn latency() -> Histogram {
 
 pub struct Metrics {
     registry: Registry,
+    /// Sources named in the configuration. Any other name (unknown sources,
+    /// when allowed, come from the internet) is labelled `_other`, so that no
+    /// client can grow the metric families without bound.
+    known_sources: std::collections::HashSet<String>,
     pub requests: Family<RequestLabels, Counter>,
+    /// Requests whose handler panicked (answered 500 by the catch layer).
+    pub ingress_panics: Counter,
     pub publish_seconds: Histogram,
     pub deliveries: Family<DeliveryLabels, Counter>,
     pub delivery_seconds: Histogram,
@@ -51,13 +60,19 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn new() -> Arc<Self> {
+    pub fn new(known_sources: impl IntoIterator<Item = String>) -> Arc<Self> {
         let mut registry = Registry::with_prefix("hookq");
         let requests = Family::<RequestLabels, Counter>::default();
         registry.register(
             "ingress_requests",
             "Requests to /hooks/{source} by source, status and error code",
             requests.clone(),
+        );
+        let ingress_panics = Counter::default();
+        registry.register(
+            "ingress_panics",
+            "Requests whose handler panicked; each is a bug, answered 500 and logged",
+            ingress_panics.clone(),
         );
         let publish_seconds = latency();
         registry.register(
@@ -103,7 +118,9 @@ impl Metrics {
         );
         Arc::new(Self {
             registry,
+            known_sources: known_sources.into_iter().collect(),
             requests,
+            ingress_panics,
             publish_seconds,
             deliveries,
             delivery_seconds,
@@ -114,10 +131,19 @@ impl Metrics {
         })
     }
 
+    /// The `source` label for a source name: itself when configured, else `_other`.
+    pub fn source_label<'a>(&self, source: &'a str) -> &'a str {
+        if self.known_sources.contains(source) {
+            source
+        } else {
+            OTHER_SOURCE
+        }
+    }
+
     pub fn delivery(&self, source: &str, outcome: &'static str) {
         self.deliveries
             .get_or_create(&DeliveryLabels {
-                source: source.to_string(),
+                source: self.source_label(source).to_string(),
                 outcome,
             })
             .inc();

@@ -44,6 +44,8 @@ pub struct Policy {
     pub inline_delay: Duration,
     pub tiers: Vec<Duration>,
     pub jitter: f64,
+    /// The longest wait accepted from a target (`retry.max_delay_ms`).
+    pub max_delay: Duration,
 }
 
 impl Policy {
@@ -58,7 +60,15 @@ impl Policy {
                 .map(|&ms| Duration::from_millis(ms))
                 .collect(),
             jitter: s.jitter,
+            max_delay: Duration::from_millis(s.max_delay_ms),
         }
+    }
+
+    /// A wait the target asked for (Retry-After, or what is left of it on a
+    /// message back early from its tier), clamped to `retry.max_delay_ms`: a
+    /// date in the year 9999 must not park a message forever.
+    pub fn clamp(&self, wait: Duration) -> Duration {
+        wait.min(self.max_delay)
     }
 
     /// The in-process backoff schedule, for `backon`: doubling from
@@ -81,7 +91,7 @@ impl Policy {
     pub fn after_failure(&self, failed: u32, failure: &Failure) -> Decision {
         let retry_after = match failure {
             Failure::Permanent => return Decision::Dead(DeadReason::Rejected),
-            Failure::Retryable { retry_after } => *retry_after,
+            Failure::Retryable { retry_after } => retry_after.map(|ra| self.clamp(ra)),
         };
         if failed >= self.max_attempts {
             return Decision::Dead(DeadReason::MaxAttempts);
@@ -131,11 +141,12 @@ impl Policy {
     }
 }
 
-/// `Retry-After` as seconds or an HTTP date, relative to `now`.
+/// `Retry-After` as seconds or an HTTP date, relative to `now`. Not clamped:
+/// [`Policy::after_failure`] applies `retry.max_delay_ms`.
 pub fn parse_retry_after(value: &str, now: std::time::SystemTime) -> Option<Duration> {
     let v = value.trim();
     if let Ok(secs) = v.parse::<u64>() {
-        return Some(Duration::from_secs(secs.min(86_400 * 7)));
+        return Some(Duration::from_secs(secs));
     }
     let at = httpdate::parse_http_date(v).ok()?;
     Some(at.duration_since(now).unwrap_or_default())
@@ -152,6 +163,7 @@ mod tests {
             inline_delay_ms: 100,
             delays_ms: vec![1000, 5000, 30_000],
             jitter: 0.1,
+            max_delay_ms: 3_600_000,
         })
     }
 
@@ -245,6 +257,41 @@ mod tests {
                 p.after_failure(failed, &failure),
                 want,
                 "failed={failed} {failure:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_retry_after_beyond_max_delay_is_clamped_and_counts() {
+        let p = policy();
+        let far = httpdate::parse_http_date("Fri, 31 Dec 9999 23:59:59 GMT").unwrap();
+        let now = std::time::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        for ra in [
+            parse_retry_after("Fri, 31 Dec 9999 23:59:59 GMT", now).unwrap(),
+            parse_retry_after("99999999999", now).unwrap(),
+            far.duration_since(now).unwrap(),
+        ] {
+            assert_eq!(
+                p.after_failure(
+                    2,
+                    &Failure::Retryable {
+                        retry_after: Some(ra)
+                    }
+                ),
+                Decision::Delay {
+                    tier: 2,
+                    floor: Some(Duration::from_secs(3600)),
+                }
+            );
+            // The attempt counts: the last one dead-letters as usual.
+            assert_eq!(
+                p.after_failure(
+                    6,
+                    &Failure::Retryable {
+                        retry_after: Some(ra)
+                    }
+                ),
+                Decision::Dead(DeadReason::MaxAttempts)
             );
         }
     }

@@ -19,7 +19,7 @@ use crate::config::Settings;
 use crate::ingress::{self, App};
 use crate::metrics::Metrics;
 use crate::ops::{self, Ops};
-use crate::worker::{self, Worker};
+use crate::worker::Worker;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Parts {
@@ -50,7 +50,7 @@ pub async fn start(
     shutdown: CancellationToken,
 ) -> anyhow::Result<Running> {
     let topology = Topology::new(&settings.amqp, &settings.retry);
-    let metrics = Metrics::new();
+    let metrics = Metrics::new(settings.sources.keys().cloned());
     let url = &settings.amqp.url;
 
     let ingress_part = matches!(parts, Parts::Up | Parts::Ingress);
@@ -137,7 +137,7 @@ pub async fn start(
         }
         let worker_run = async {
             match worker_for_task {
-                Some(w) => w.run(worker::GRACE).await,
+                Some(w) => w.run().await,
                 None => Ok(()),
             }
         };

@@ -116,8 +116,10 @@ pub struct Summary {
     pub would_move: Counts,
     /// Looked at and left in `P.dead` (not matching, or not a hookq message).
     pub kept: u64,
-    /// Of `kept`: messages that are not hookq messages at all.
-    pub unreadable: u64,
+    /// Of `kept`: dead letters that are not hookq messages (unreadable, or
+    /// parked by a worker with reason `invalid`). They never move: the worker
+    /// would only park them again, and the target would get garbage.
+    pub skipped: u64,
 }
 
 /// Why a run stopped before its end.
@@ -259,11 +261,17 @@ pub async fn shovel(
             seen: letters.seen(),
             total: letters.total(),
         });
-        // A message that is not a hookq message never moves: the worker would
-        // only park it again, without the properties it came with.
-        if dl.unreadable.is_some() || !filter.matches(&dl.envelope) {
+        // A message that is not a hookq message never moves, whatever the
+        // filter says: the worker would only park it again.
+        let never = dl.unreadable.is_some()
+            || dl
+                .envelope
+                .dead
+                .as_ref()
+                .is_some_and(|d| d.reason == DeadReason::Invalid);
+        if never || !filter.matches(&dl.envelope) {
             summary.kept += 1;
-            summary.unreadable += u64::from(dl.unreadable.is_some());
+            summary.skipped += u64::from(never);
             letters.hold(dl.acker);
             continue;
         }
@@ -408,10 +416,11 @@ fn report(summary: &Summary, dead: &str, work: &str, dry_run: bool) {
         "kept {} in {dead} (looked at {} of {})",
         summary.kept, summary.looked_at, summary.total
     );
-    if summary.unreadable > 0 {
+    if summary.skipped > 0 {
         kept.push_str(&format!(
-            "; {} of them are not hookq messages and never move: inspect them in the RabbitMQ UI",
-            summary.unreadable
+            "; skipped {} that are not hookq messages (reason invalid, or unreadable): \
+             they never move, inspect them in the RabbitMQ UI",
+            summary.skipped
         ));
     }
     crate::cli::print(kept);
@@ -467,9 +476,13 @@ mod tests {
         let mut env = Envelope::received(
             "shop",
             DedupKey("shop:1".into()),
-            b"{}".to_vec(),
+            bytes::Bytes::from_static(b"{}"),
             None,
-            vec![("x-a".into(), "1".into())],
+            std::iter::once((
+                http::HeaderName::from_static("x-a"),
+                http::HeaderValue::from_static("1"),
+            ))
+            .collect(),
         );
         env.attempts = 5;
         env.not_before = Some(1);

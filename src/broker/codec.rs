@@ -2,8 +2,10 @@
 //! says. Decoding is strict about what hookq needs (source, key, message id) and
 //! lenient about the rest, because dead letters may have been touched by hand.
 
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue};
 use lapin::BasicProperties;
-use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString};
 
 use crate::message::{DeadInfo, DeadReason, DedupKey, Envelope, MessageId, header};
 
@@ -12,60 +14,132 @@ use crate::message::{DeadInfo, DeadReason, DedupKey, Envelope, MessageId, header
 #[error("not a hookq message: {0}")]
 pub struct DecodeError(pub String);
 
-fn ls(s: &str) -> AMQPValue {
+fn ls(s: impl Into<Vec<u8>>) -> AMQPValue {
     AMQPValue::LongString(LongString::from(s))
+}
+
+/// Adds one of hookq's own headers. Every name is a short constant, so
+/// `try_new` cannot fail; going through it keeps the encoder free of the
+/// panicking `ShortString::from`.
+fn put(h: &mut FieldTable, name: &'static str, value: AMQPValue) {
+    if let Ok(k) = ShortString::try_new(name) {
+        h.insert(k, value);
+    }
+}
+
+/// The forwarded request headers as an array of `[name, value]` pairs of long
+/// strings: AMQP table keys are short strings (255 bytes at most) and a request
+/// may carry longer names, repeated names and values that are not UTF-8. Pairs
+/// carry all of them byte for byte, in order.
+fn encode_headers(headers: &HeaderMap) -> AMQPValue {
+    let pairs: Vec<AMQPValue> = headers
+        .iter()
+        .map(|(k, v)| {
+            AMQPValue::FieldArray(FieldArray::from(vec![ls(k.as_str()), ls(v.as_bytes())]))
+        })
+        .collect();
+    AMQPValue::FieldArray(FieldArray::from(pairs))
 }
 
 pub fn encode(env: &Envelope) -> BasicProperties {
     let mut h = FieldTable::default();
-    h.insert(header::SOURCE.into(), ls(&env.source));
-    h.insert(header::KEY.into(), ls(&env.key.0));
-    h.insert(
-        header::ATTEMPTS.into(),
+    put(&mut h, header::SOURCE, ls(env.source.as_str()));
+    put(&mut h, header::KEY, ls(env.key.0.as_str()));
+    put(
+        &mut h,
+        header::ATTEMPTS,
         AMQPValue::LongLongInt(env.attempts.into()),
     );
-    h.insert(header::RECEIVED_AT.into(), ls(&env.received_at));
-    let mut fwd = FieldTable::default();
-    for (k, v) in &env.headers {
-        // Repeated request headers are joined, as HTTP allows for most fields.
-        let value = match fwd.inner().get(k.as_str()) {
-            Some(AMQPValue::LongString(prev)) => {
-                format!("{}, {v}", String::from_utf8_lossy(prev.as_bytes()))
-            }
-            _ => v.clone(),
-        };
-        fwd.insert(ShortString::from(k.as_str()), ls(&value));
-    }
-    h.insert(header::HEADERS.into(), AMQPValue::FieldTable(fwd));
+    put(&mut h, header::RECEIVED_AT, ls(env.received_at.as_str()));
+    put(&mut h, header::HEADERS, encode_headers(&env.headers));
     if let Some(d) = &env.dead {
-        h.insert(header::DEAD_REASON.into(), ls(d.reason.as_str()));
-        h.insert(header::LAST_ERROR.into(), ls(&d.last_error));
+        put(&mut h, header::DEAD_REASON, ls(d.reason.as_str()));
+        put(&mut h, header::LAST_ERROR, ls(d.last_error.as_str()));
         if let Some(s) = d.last_status {
-            h.insert(header::LAST_STATUS.into(), AMQPValue::LongLongInt(s.into()));
+            put(
+                &mut h,
+                header::LAST_STATUS,
+                AMQPValue::LongLongInt(s.into()),
+            );
         }
-        h.insert(header::DEAD_AT.into(), ls(&d.dead_at));
+        put(&mut h, header::DEAD_AT, ls(d.dead_at.as_str()));
     }
     if let Some(p) = &env.previous_dead_reason {
-        h.insert(header::PREVIOUS_DEAD_REASON.into(), ls(p));
+        put(&mut h, header::PREVIOUS_DEAD_REASON, ls(p.as_str()));
     }
     if let Some(t) = env.not_before {
-        h.insert(header::NOT_BEFORE.into(), AMQPValue::LongLongInt(t as i64));
+        put(
+            &mut h,
+            header::NOT_BEFORE,
+            AMQPValue::LongLongInt(i64::try_from(t).unwrap_or(i64::MAX)),
+        );
     }
     if env.shovelled > 0 {
-        h.insert(
-            header::SHOVELLED.into(),
+        put(
+            &mut h,
+            header::SHOVELLED,
             AMQPValue::LongLongInt(env.shovelled.into()),
         );
     }
     let mut p = BasicProperties::default()
         .with_delivery_mode(2)
-        .with_message_id(env.message_id.0.as_str().into())
         .with_timestamp(env.timestamp)
         .with_headers(h);
-    if let Some(ct) = &env.content_type {
-        p = p.with_content_type(ct.as_str().into());
+    // Both are short strings in AMQP. A message id is a UUID or was read from
+    // a short string; a Content-Type may be longer, and then travels only in
+    // hookq-headers (where the delivery takes it from anyway).
+    if let Ok(id) = ShortString::try_new(env.message_id.0.as_str()) {
+        p = p.with_message_id(id);
+    }
+    if let Some(ct) = env.content_type.as_deref()
+        && let Ok(ct) = ShortString::try_new(ct)
+    {
+        p = p.with_content_type(ct);
     }
     p
+}
+
+/// The bytes of a string-like AMQP value.
+fn bytes_of(v: &AMQPValue) -> Option<&[u8]> {
+    match v {
+        AMQPValue::LongString(s) => Some(s.as_bytes()),
+        AMQPValue::ShortString(s) => Some(s.as_str().as_bytes()),
+        AMQPValue::ByteArray(b) => Some(b.as_slice()),
+        _ => None,
+    }
+}
+
+/// hookq-headers back into a header map: pairs (this version) or a table
+/// (messages written before pairs). What is not a valid header is skipped:
+/// it cannot be sent on anyway.
+fn decode_headers(v: Option<&AMQPValue>) -> HeaderMap {
+    let mut out = HeaderMap::new();
+    let mut add = |name: &[u8], value: &[u8]| {
+        if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(name), HeaderValue::from_bytes(value)) {
+            out.append(n, v);
+        }
+    };
+    match v {
+        Some(AMQPValue::FieldArray(pairs)) => {
+            for pair in pairs.as_slice() {
+                if let AMQPValue::FieldArray(kv) = pair
+                    && let [k, v] = kv.as_slice()
+                    && let (Some(k), Some(v)) = (bytes_of(k), bytes_of(v))
+                {
+                    add(k, v);
+                }
+            }
+        }
+        Some(AMQPValue::FieldTable(t)) => {
+            for (k, v) in t.inner() {
+                if let Some(v) = bytes_of(v) {
+                    add(k.as_str().as_bytes(), v);
+                }
+            }
+        }
+        _ => {}
+    }
+    out
 }
 
 /// A header as text, whatever AMQP string or number type carries it.
@@ -115,7 +189,7 @@ fn broker_death_reason(h: &FieldTable) -> Option<String> {
     })
 }
 
-pub fn decode(props: &BasicProperties, body: Vec<u8>) -> Result<Envelope, DecodeError> {
+pub fn decode(props: &BasicProperties, body: Bytes) -> Result<Envelope, DecodeError> {
     let empty = FieldTable::default();
     let h = props.headers().as_ref().unwrap_or(&empty);
     let source =
@@ -126,14 +200,7 @@ pub fn decode(props: &BasicProperties, body: Vec<u8>) -> Result<Envelope, Decode
         .as_ref()
         .map(|m| m.as_str().to_string())
         .ok_or_else(|| DecodeError("no message_id property".into()))?;
-    let headers = match h.inner().get(header::HEADERS) {
-        Some(AMQPValue::FieldTable(t)) => t
-            .inner()
-            .keys()
-            .filter_map(|k| text(t, k.as_str()).map(|v| (k.as_str().to_string(), v)))
-            .collect(),
-        _ => Vec::new(),
-    };
+    let headers = decode_headers(h.inner().get(header::HEADERS));
     let dead = text(h, header::DEAD_REASON)
         .and_then(|r| DeadReason::parse(&r))
         .or_else(|| {
@@ -178,13 +245,13 @@ pub fn decode(props: &BasicProperties, body: Vec<u8>) -> Result<Envelope, Decode
 
 /// An envelope for a delivery that is not a hookq message, so that it can be
 /// parked in `P.dead` as `invalid` with its body and content type intact.
-pub fn stand_in(props: &BasicProperties, body: Vec<u8>) -> Envelope {
+pub fn stand_in(props: &BasicProperties, body: Bytes) -> Envelope {
     use sha2::Digest;
     let key = DedupKey(format!(
         "invalid:{}",
         hex::encode(sha2::Sha256::digest(&body))
     ));
-    let mut env = Envelope::received("invalid", key, body, None, Vec::new());
+    let mut env = Envelope::received("invalid", key, body, None, HeaderMap::new());
     if let Some(m) = props.message_id() {
         env.message_id = MessageId(m.as_str().to_string());
     }
@@ -199,14 +266,31 @@ pub fn stand_in(props: &BasicProperties, body: Vec<u8>) -> Envelope {
 mod tests {
     use super::*;
 
+    fn headers(pairs: &[(&str, &[u8])]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_bytes(v).unwrap(),
+            );
+        }
+        h
+    }
+
     #[test]
     fn round_trip_keeps_every_field() {
+        let long_name = format!("x-{}", "n".repeat(300));
         let mut env = Envelope::received(
             "github",
             DedupKey("github:42".into()),
-            b"{\"a\":1}".to_vec(),
+            Bytes::from_static(b"{\"a\":1}"),
             Some("application/json".into()),
-            vec![("x-a".into(), "1".into()), ("x-a".into(), "2".into())],
+            headers(&[
+                ("x-a", b"1"),
+                ("x-a", b"2"),
+                ("x-latin1", b"caf\xe9"),
+                (&long_name, b"v"),
+            ]),
         );
         env.attempts = 3;
         env.dead = Some(DeadInfo {
@@ -219,15 +303,46 @@ mod tests {
         env.shovelled = 2;
         env.not_before = Some(1_700_000_000_000);
         let back = decode(&encode(&env), env.body.clone()).unwrap();
-        assert_eq!(back.headers, vec![("x-a".to_string(), "1, 2".to_string())]);
-        let mut expected = env.clone();
-        expected.headers = back.headers.clone();
-        assert_eq!(back, expected);
+        assert_eq!(back, env);
+        let a: Vec<_> = back.headers.get_all("x-a").iter().collect();
+        assert_eq!(a, ["1", "2"]);
+        assert_eq!(back.headers["x-latin1"].as_bytes(), b"caf\xe9");
+    }
+
+    #[test]
+    fn a_content_type_too_long_for_the_property_is_left_to_the_headers() {
+        let ct = format!("application/json; x={}", "a".repeat(300));
+        let env = Envelope::received(
+            "s",
+            DedupKey("s:1".into()),
+            Bytes::new(),
+            Some(ct.clone()),
+            headers(&[("content-type", ct.as_bytes())]),
+        );
+        let props = encode(&env);
+        assert!(props.content_type().is_none());
+        let back = decode(&props, Bytes::new()).unwrap();
+        assert_eq!(back.headers["content-type"].as_bytes(), ct.as_bytes());
+    }
+
+    #[test]
+    fn headers_written_as_a_table_by_earlier_versions_still_decode() {
+        let mut old = FieldTable::default();
+        old.insert("x-old".into(), ls("v"));
+        let mut h = FieldTable::default();
+        h.insert(header::SOURCE.into(), ls("s"));
+        h.insert(header::KEY.into(), ls("s:1"));
+        h.insert(header::HEADERS.into(), AMQPValue::FieldTable(old));
+        let p = BasicProperties::default()
+            .with_message_id("m".into())
+            .with_headers(h);
+        let env = decode(&p, Bytes::new()).unwrap();
+        assert_eq!(env.headers["x-old"], "v");
     }
 
     #[test]
     fn missing_headers_are_a_decode_error() {
         let p = BasicProperties::default().with_message_id("m".into());
-        assert!(decode(&p, vec![]).is_err());
+        assert!(decode(&p, Bytes::new()).is_err());
     }
 }

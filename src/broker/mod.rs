@@ -112,7 +112,9 @@ pub struct Broker {
 }
 
 async fn establish(url: &str, name: &str, topo: &Topology) -> Result<Session, Error> {
-    let props = ConnectionProperties::default().with_connection_name(name.into());
+    // As the RabbitMQ UI shows it: which part, of which prefix.
+    let shown = format!("{name} [{}]", topo.prefix);
+    let props = ConnectionProperties::default().with_connection_name(shown.into());
     let connection = Connection::connect(url, props)
         .await
         .map_err(|cause| Error::Connect {
@@ -375,6 +377,7 @@ impl Broker {
             inner,
             tag,
             broker: self.clone(),
+            lost: CancellationToken::new(),
         })
     }
 
@@ -383,7 +386,10 @@ impl Broker {
     pub async fn reader(&self) -> Result<Reader, Error> {
         let session = self.session()?;
         let channel = session.connection.create_channel().await?;
-        Ok(Reader { channel })
+        Ok(Reader {
+            channel,
+            lost: CancellationToken::new(),
+        })
     }
 
     /// Messages waiting in a queue (not counting unacked ones).
@@ -437,17 +443,24 @@ pub struct Incoming {
     pub envelope: Result<Envelope, (DecodeError, Envelope)>,
     pub redelivered: bool,
     pub acker: Acker,
+    /// Cancelled when the consumer that delivered this message ends (its
+    /// channel or connection is gone): the broker has the message again, and
+    /// an ack can no longer reach it.
+    pub lost: CancellationToken,
 }
 
-fn incoming(d: lapin::message::Delivery) -> Incoming {
-    let envelope = match codec::decode(&d.properties, d.data.clone()) {
+fn incoming(d: lapin::message::Delivery, lost: &CancellationToken) -> Incoming {
+    // The body moves into shared `Bytes` once; every later copy is a refcount.
+    let body = bytes::Bytes::from(d.data);
+    let envelope = match codec::decode(&d.properties, body.clone()) {
         Ok(e) => Ok(e),
-        Err(err) => Err((err, codec::stand_in(&d.properties, d.data))),
+        Err(err) => Err((err, codec::stand_in(&d.properties, body))),
     };
     Incoming {
         envelope,
         redelivered: d.redelivered,
         acker: Acker(d.acker),
+        lost: lost.clone(),
     }
 }
 
@@ -463,6 +476,21 @@ impl Acker {
         } else {
             Err(Error::Unavailable)
         }
+    }
+
+    /// Hands back this message and every earlier one still unsettled on its
+    /// channel, in one `basic.nack(multiple, requeue)`. Readers of `P.dead` put
+    /// what they held back this way rather than by closing the channel:
+    /// RabbitMQ 4.3 counts a lost channel (and `basic.reject`) against a quorum
+    /// queue's delivery limit, but not a `basic.nack`.
+    pub async fn requeue_through(self) -> Result<(), Error> {
+        self.0
+            .nack(BasicNackOptions {
+                requeue: true,
+                multiple: true,
+            })
+            .await?;
+        Ok(())
     }
 
     /// Hands the message back to the queue for another worker (or this one) to take.
@@ -483,6 +511,8 @@ pub struct Consumer {
     inner: lapin::Consumer,
     tag: String,
     broker: Broker,
+    /// Handed to every [`Incoming`]; cancelled when this consumer ends.
+    lost: CancellationToken,
 }
 
 impl Consumer {
@@ -490,13 +520,17 @@ impl Consumer {
     /// connection lost): the caller waits for the broker to be ready and consumes again.
     pub async fn next(&mut self) -> Option<Incoming> {
         match self.inner.next().await {
-            Some(Ok(d)) => Some(incoming(d)),
+            Some(Ok(d)) => Some(incoming(d, &self.lost)),
             Some(Err(e)) => {
                 tracing::warn!("consumer stopped: {e}");
+                self.lost.cancel();
                 self.broker.kick();
                 None
             }
-            None => None,
+            None => {
+                self.lost.cancel();
+                None
+            }
         }
     }
 
@@ -510,6 +544,7 @@ impl Consumer {
 
     /// Closes the channel: anything still unacked goes back to the queue.
     pub async fn close(self) {
+        self.lost.cancel();
         let _ = self.channel.close(200, "bye".into()).await;
     }
 }
@@ -517,6 +552,7 @@ impl Consumer {
 /// Reads a queue one message at a time (`basic.get`), holding what it does not settle.
 pub struct Reader {
     channel: Channel,
+    lost: CancellationToken,
 }
 
 impl Reader {
@@ -528,7 +564,7 @@ impl Reader {
             .await?;
         Ok(m.map(|m| {
             let remaining = m.message_count;
-            (incoming(m.delivery), remaining)
+            (incoming(m.delivery, &self.lost), remaining)
         }))
     }
 

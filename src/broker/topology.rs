@@ -14,6 +14,10 @@ use lapin::{Channel, ExchangeKind};
 
 use crate::config::{AmqpSettings, QueueType, RetrySettings};
 
+/// `x-delivery-limit` of a quorum `P.dead`: large enough that no amount of
+/// reading reaches it, valid on RabbitMQ 3.x and 4.x alike.
+pub const DEAD_DELIVERY_LIMIT: i64 = 1_000_000_000;
+
 /// One delay tier: a queue whose TTL is the wait.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DelayTier {
@@ -156,7 +160,18 @@ impl Topology {
 
     pub fn dead_args(&self) -> FieldTable {
         // No TTL and no dead-lettering: dead letters stay until an operator acts.
-        self.queue_type_args()
+        let mut t = self.queue_type_args();
+        if self.queue_type == QueueType::Quorum {
+            // RabbitMQ 4.x gives quorum queues a delivery limit of 20 unless one
+            // is declared, and drops a message past it (P.dead has nowhere to
+            // dead-letter to): every `dlq list` counts on 4.0-4.2. -1 (no limit
+            // on 4.x) means 0 on 3.x, so a limit no reader will reach instead.
+            t.insert(
+                "x-delivery-limit".into(),
+                AMQPValue::LongLongInt(DEAD_DELIVERY_LIMIT),
+            );
+        }
+        t
     }
 }
 

@@ -9,7 +9,8 @@ pub mod store;
 
 use std::num::NonZeroUsize;
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use lru::LruCache;
 use tokio_util::sync::CancellationToken;
@@ -17,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 pub use store::{Claim, Error, Store};
 
 use crate::config::DedupSettings;
-use crate::message::{DedupKey, MessageId};
+use crate::message::{DedupKey, MessageId, epoch_ms};
 
 /// Which tier recognised a duplicate.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -36,22 +37,89 @@ impl Tier {
 }
 
 /// The answer for one incoming message.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Check {
-    /// This message holds the key: deliver it.
-    Deliver,
+pub enum Check<'a> {
+    /// This message holds the key: deliver it, then settle the claim.
+    Deliver(Held<'a>),
     /// The key was already delivered successfully.
     Done(Tier),
     /// Another message holds the key and is still with the broker (in flight, or
     /// in a delay queue): it will be delivered or dead-lettered, so this copy is
     /// not needed.
     InFlight { holder: String },
+    /// This very message is being delivered by a live holder (it came back after
+    /// a dropped connection): wait for that delivery to end, do not start another.
+    Busy,
+}
+
+/// A claim this worker holds. Settle it exactly once: [`Held::done`],
+/// [`Held::release`] or [`Held::park`]. One that is dropped unsettled (a task
+/// that panicked) is parked in the background, so that the message's next
+/// copy can take it without waiting for this process's lease to run out.
+pub struct Held<'a> {
+    dedup: &'a Dedup,
+    key: DedupKey,
+    message_id: MessageId,
+    /// Failed deliveries of this message that earlier holders recorded.
+    pub attempts: u32,
+    /// Republishes of this message the broker refused so far.
+    pub handbacks: u32,
+    settled: AtomicBool,
+}
+
+impl Held<'_> {
+    fn settle<T>(&self, r: Result<T, Error>) -> Result<T, Error> {
+        if r.is_ok() {
+            self.settled.store(true, Ordering::Relaxed);
+        }
+        r
+    }
+
+    /// Records the success (before the ack) and remembers the key in the LRU.
+    pub async fn done(&self) -> Result<(), Error> {
+        let r = self.dedup.store.done(&self.key.0).await;
+        if r.is_ok() {
+            self.dedup.remember(&self.key);
+        }
+        self.settle(r)
+    }
+
+    /// Lets the key be claimed again: its message is being dead-lettered.
+    pub async fn release(&self) -> Result<(), Error> {
+        let r = self
+            .dedup
+            .store
+            .release(&self.key.0, &self.message_id.0)
+            .await;
+        self.settle(r)
+    }
+
+    /// Leaves the claim to this message's next copy (a delay tier, or the work
+    /// queue after a hand-back), with the failed attempts so far; `handback`
+    /// counts a republish the broker refused.
+    pub async fn park(&self, attempts: u32, handback: bool) -> Result<(), Error> {
+        let r = self
+            .dedup
+            .store
+            .park(&self.key.0, &self.message_id.0, attempts, handback)
+            .await;
+        self.settle(r)
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        if !self.settled.load(Ordering::Relaxed) {
+            self.dedup
+                .store
+                .park_in_background(&self.key.0, &self.message_id.0, self.attempts);
+        }
+    }
 }
 
 pub struct Dedup {
-    /// Keys known done, with when they were recorded: an entry older than the
-    /// retention is not trusted (SQLite may have pruned it).
-    lru: Mutex<LruCache<String, Instant>>,
+    /// Keys known done, with when SQLite's record of them expires (epoch ms): an
+    /// entry past it is not trusted (SQLite may have pruned the key).
+    lru: Mutex<LruCache<String, u64>>,
     store: Store,
     retention: Duration,
 }
@@ -61,7 +129,7 @@ impl Dedup {
         let cap = NonZeroUsize::new(settings.lru_capacity).unwrap_or(NonZeroUsize::MIN);
         Self {
             lru: Mutex::new(LruCache::new(cap)),
-            store: Store::open(&settings.path),
+            store: Store::open(&settings.path, Duration::from_millis(settings.lease_ms)),
             retention: Duration::from_millis(settings.retention_ms),
         }
     }
@@ -74,18 +142,26 @@ impl Dedup {
         &self.store
     }
 
-    fn lru_has(&self, key: &str) -> bool {
+    fn retention_ms(&self) -> u64 {
+        u64::try_from(self.retention.as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn lru_has(&self, key: &str, now: u64) -> bool {
         self.lru
             .lock()
-            .map(|mut l| l.get(key).is_some_and(|at| at.elapsed() < self.retention))
+            .map(|mut l| l.get(key).is_some_and(|expires| now < *expires))
             .unwrap_or(false)
     }
 
-    /// Remembers a key that SQLite already records as done.
-    pub fn remember(&self, key: &DedupKey) {
+    fn remember_until(&self, key: &DedupKey, expires: u64) {
         if let Ok(mut l) = self.lru.lock() {
-            l.put(key.0.clone(), Instant::now());
+            l.put(key.0.clone(), expires);
         }
+    }
+
+    /// Remembers a key this worker has just recorded as done.
+    pub fn remember(&self, key: &DedupKey) {
+        self.remember_until(key, epoch_ms().saturating_add(self.retention_ms()));
     }
 
     /// Keys in the LRU now.
@@ -93,28 +169,44 @@ impl Dedup {
         self.lru.lock().map(|l| l.len()).unwrap_or(0)
     }
 
-    pub async fn check(&self, key: &DedupKey, message_id: &MessageId) -> Result<Check, Error> {
-        if self.lru_has(&key.0) {
+    pub async fn check(&self, key: &DedupKey, message_id: &MessageId) -> Result<Check<'_>, Error> {
+        self.check_at(key, message_id, epoch_ms()).await
+    }
+
+    /// [`Dedup::check`] at a given time (tests move the clock).
+    pub async fn check_at(
+        &self,
+        key: &DedupKey,
+        message_id: &MessageId,
+        now: u64,
+    ) -> Result<Check<'_>, Error> {
+        if self.lru_has(&key.0, now) {
             return Ok(Check::Done(Tier::Lru));
         }
-        Ok(match self.store.claim(&key.0, &message_id.0).await? {
-            Claim::Claimed => Check::Deliver,
-            Claim::Done => {
-                self.remember(key);
-                Check::Done(Tier::Sqlite)
-            }
-            Claim::HeldBy(holder) => Check::InFlight { holder },
-        })
-    }
-
-    /// Records a success; call before the ack, then [`Dedup::remember`] after it.
-    pub async fn done(&self, key: &DedupKey) -> Result<(), Error> {
-        self.store.done(&key.0).await
-    }
-
-    /// Lets the key be claimed again (its message is being dead-lettered).
-    pub async fn release(&self, key: &DedupKey, message_id: &MessageId) -> Result<(), Error> {
-        self.store.release(&key.0, &message_id.0).await
+        let now_i = i64::try_from(now).unwrap_or(i64::MAX);
+        Ok(
+            match self.store.claim_at(&key.0, &message_id.0, now_i).await? {
+                Claim::Claimed {
+                    attempts,
+                    handbacks,
+                } => Check::Deliver(Held {
+                    dedup: self,
+                    key: key.clone(),
+                    message_id: message_id.clone(),
+                    attempts,
+                    handbacks,
+                    settled: AtomicBool::new(false),
+                }),
+                Claim::Done { at_ms } => {
+                    // Trusted only as long as SQLite keeps the record: until its own
+                    // expiry, not for a fresh full retention.
+                    self.remember_until(key, at_ms.saturating_add(self.retention_ms()));
+                    Check::Done(Tier::Sqlite)
+                }
+                Claim::HeldBy(holder) => Check::InFlight { holder },
+                Claim::Busy => Check::Busy,
+            },
+        )
     }
 
     /// Prunes keys older than the retention, in small batches, until `shutdown`.
@@ -137,5 +229,65 @@ impl Dedup {
                 _ = tokio::time::sleep(every) => {}
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dedup(dir: &std::path::Path, retention_ms: u64) -> Dedup {
+        Dedup::open(&DedupSettings {
+            path: dir.join("d.db"),
+            retention_ms,
+            ..Default::default()
+        })
+    }
+
+    fn tier(c: &Check<'_>) -> Option<Tier> {
+        match c {
+            Check::Done(t) => Some(*t),
+            _ => None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_key_found_done_in_sqlite_is_trusted_in_the_lru_until_its_own_expiry() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = epoch_ms();
+        let done_at = now - 200_000;
+        let writer = dedup(dir.path(), 300_000);
+        writer
+            .store()
+            .done_at("s:k", i64::try_from(done_at).unwrap())
+            .await
+            .unwrap();
+        // Another worker, with an empty LRU, learns it from SQLite...
+        let reader = dedup(dir.path(), 300_000);
+        let (key, id) = (DedupKey("s:k".into()), MessageId::new());
+        let c = reader.check_at(&key, &id, now).await.unwrap();
+        assert_eq!(tier(&c), Some(Tier::Sqlite));
+        let c = reader.check_at(&key, &id, now + 50_000).await.unwrap();
+        assert_eq!(tier(&c), Some(Tier::Lru));
+        // ...and stops trusting its LRU when SQLite's record expires (done_at +
+        // retention), not a full retention after it looked.
+        let c = reader.check_at(&key, &id, done_at + 300_001).await.unwrap();
+        assert_eq!(tier(&c), Some(Tier::Sqlite));
+    }
+
+    #[tokio::test]
+    async fn an_unsettled_claim_is_parked_when_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dedup(dir.path(), 300_000);
+        let (key, id) = (DedupKey("s:k".into()), MessageId::new());
+        let held = d.check(&key, &id).await.unwrap();
+        assert!(matches!(held, Check::Deliver(_)));
+        assert!(matches!(d.check(&key, &id).await.unwrap(), Check::Busy));
+        drop(held);
+        // The park goes to the store thread ahead of the next request.
+        assert!(matches!(
+            d.check(&key, &id).await.unwrap(),
+            Check::Deliver(_)
+        ));
     }
 }

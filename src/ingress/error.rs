@@ -28,6 +28,8 @@ pub enum Error {
     Overloaded,
     #[error("the broker did not take the message: {0}")]
     Broker(broker::Error),
+    #[error("internal error; the message was not accepted, retry later")]
+    Internal,
 }
 
 impl Error {
@@ -39,6 +41,7 @@ impl Error {
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Overloaded | Self::Broker(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -51,13 +54,14 @@ impl Error {
             Self::TooLarge => "payload_too_large",
             Self::Overloaded => "overloaded",
             Self::Broker(_) => "broker_unavailable",
+            Self::Internal => "internal_error",
         }
     }
 
     /// Once per refusal: client mistakes at debug/info, our own trouble at warn.
     pub fn log(&self, source: &str) {
         match self {
-            Self::Broker(_) | Self::Overloaded => {
+            Self::Broker(_) | Self::Overloaded | Self::Internal => {
                 tracing::warn!(source, code = self.code(), "refused: {self}")
             }
             Self::Signature(_) => tracing::info!(source, code = self.code(), "refused: {self}"),

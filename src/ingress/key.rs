@@ -1,6 +1,12 @@
 //! The idempotency key: `SOURCE ":" ID`, with ID from the first present of the
-//! source's `id_header`, its `id_json_pointer`, `Idempotency-Key`, `webhook-id`,
-//! `X-GitHub-Delivery`, `X-Event-Id`, else the hex SHA-256 of the body.
+//! source's `id_header`, its `id_json_pointer`, then what the source's scheme
+//! signs (`standard`: `webhook-id`; `stripe`: the body's `/id`) or its provider
+//! guarantees (`github`: `X-GitHub-Delivery`, which GitHub does not sign); for
+//! `verify = "none"` sources only `Idempotency-Key`, `webhook-id`,
+//! `X-GitHub-Delivery`, `X-Event-Id`; else the hex SHA-256 of the body.
+//!
+//! An unsigned header never overrides a signed id: a replay of a signed
+//! request with a fresh `Idempotency-Key` is still a duplicate.
 //!
 //! Pure: headers and body in, key out. It does not verify anything; the
 //! signature check runs before it.
@@ -9,9 +15,11 @@ use axum::http::HeaderMap;
 use sha2::{Digest, Sha256};
 
 use crate::config::SourceSettings;
+use crate::ingress::verify::SchemeKind;
 use crate::message::DedupKey;
 
-/// Well-known event-id headers, in the SPEC's order of precedence.
+/// Well-known event-id headers, in the SPEC's order of precedence (for
+/// sources that verify nothing).
 const ID_HEADERS: [&str; 4] = [
     "idempotency-key",
     "webhook-id",
@@ -71,9 +79,33 @@ pub fn derive(
         };
         return Ok(make(id));
     }
-    for h in ID_HEADERS {
-        if let Some(id) = header_id(headers, h) {
-            return Ok(make(id));
+    match settings.map_or(SchemeKind::None, |s| s.verify) {
+        SchemeKind::Standard => {
+            if let Some(id) = header_id(headers, "webhook-id") {
+                return Ok(make(id));
+            }
+        }
+        SchemeKind::Stripe => {
+            // Stripe signs the body, and its event id is in it.
+            if let Ok(serde_json::Value::Object(o)) = serde_json::from_slice(body)
+                && let Some(serde_json::Value::String(id)) = o.get("id")
+                && !id.is_empty()
+            {
+                return Ok(make(id.clone()));
+            }
+        }
+        SchemeKind::Github => {
+            if let Some(id) = header_id(headers, "x-github-delivery") {
+                return Ok(make(id));
+            }
+        }
+        SchemeKind::HmacSha256 => {}
+        SchemeKind::None => {
+            for h in ID_HEADERS {
+                if let Some(id) = header_id(headers, h) {
+                    return Ok(make(id));
+                }
+            }
         }
     }
     Ok(DedupKey(format!(
@@ -137,6 +169,41 @@ mod tests {
             let k = derive("src", Some(&source(idh, ptr)), &h, BODY).unwrap();
             assert_eq!(k.0, format!("src:{want}"), "{idh:?} {ptr:?} skip={skip}");
         }
+    }
+
+    #[test]
+    fn signed_ids_win_over_unsigned_headers() {
+        let replayed = [
+            ("idempotency-key", "fresh-each-time"),
+            ("x-event-id", "also-fresh"),
+            ("webhook-id", "msg_1"),
+            ("x-github-delivery", "gh-1"),
+        ];
+        let h = headers(&replayed);
+        let with = |verify| SourceSettings {
+            verify,
+            ..Default::default()
+        };
+        let body = br#"{"id":"evt_9","object":"event"}"#;
+        let cases = [
+            (SchemeKind::Standard, "s:msg_1"),
+            (SchemeKind::Stripe, "s:evt_9"),
+            (SchemeKind::Github, "s:gh-1"),
+            (SchemeKind::None, "s:fresh-each-time"),
+        ];
+        for (verify, want) in cases {
+            let k = derive("s", Some(&with(verify)), &h, body).unwrap();
+            assert_eq!(k.0, want, "{verify:?}");
+        }
+        // hmac-sha256 signs only the body: its hash is the key, whatever the headers.
+        let k = derive("s", Some(&with(SchemeKind::HmacSha256)), &h, b"hello").unwrap();
+        assert_eq!(k, derive("s", None, &HeaderMap::new(), b"hello").unwrap());
+        // A Stripe body without an id falls back to the body hash, not to a header.
+        let k = derive("s", Some(&with(SchemeKind::Stripe)), &h, b"not json").unwrap();
+        assert_eq!(
+            k,
+            derive("s", None, &HeaderMap::new(), b"not json").unwrap()
+        );
     }
 
     #[test]

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use axum::Router;
-use axum::body::Body;
+use axum::body::{Body, Bytes};
 use axum::extract::{Path, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -25,7 +25,7 @@ pub use error::Error;
 
 use crate::broker::Broker;
 use crate::config::{Settings, SourceSettings, valid_source_name};
-use crate::message::{Envelope, is_forwardable_header};
+use crate::message::{Envelope, forwardable_headers};
 use crate::metrics::{Metrics, RequestLabels};
 use verify::Verifier;
 
@@ -90,12 +90,35 @@ impl App {
 }
 
 pub fn router(app: Arc<App>) -> Router {
+    let metrics = app.metrics.clone();
     Router::new()
         .route(
             "/hooks/{source}",
             post(receive).fallback(method_not_allowed),
         )
         .with_state(app)
+        .layer(catch_panics(metrics))
+}
+
+/// The second line of defence: nothing a request carries should panic (the
+/// codec and the handlers are written so), but if something does, the client
+/// gets a 500 with a JSON code instead of a reset connection, and the panic is
+/// logged and counted (`hookq_ingress_panics_total`).
+pub fn catch_panics(
+    metrics: Arc<Metrics>,
+) -> tower_http::catch_panic::CatchPanicLayer<
+    impl Fn(Box<dyn std::any::Any + Send>) -> Response + Clone,
+> {
+    tower_http::catch_panic::CatchPanicLayer::custom(move |panic: Box<dyn std::any::Any + Send>| {
+        let what = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic without a message".into());
+        metrics.ingress_panics.inc();
+        tracing::error!(panic = %what, "a request handler panicked; answering 500 (this is a bug, please report it)");
+        Error::Internal.into_response()
+    })
 }
 
 async fn method_not_allowed() -> Response {
@@ -112,17 +135,10 @@ async fn receive(
         Ok(_) => (StatusCode::ACCEPTED, ""),
         Err(e) => (e.status(), e.code()),
     };
-    // Label by source only when it is a configured one: arbitrary names from the
-    // internet must not grow the metric families without bound.
-    let label = if app.sources.contains_key(&source) {
-        source.clone()
-    } else {
-        "_other".into()
-    };
     app.metrics
         .requests
         .get_or_create(&RequestLabels {
-            source: label,
+            source: app.metrics.source_label(&source).to_string(),
             status: status.as_u16(),
             code: code.into(),
         })
@@ -157,16 +173,7 @@ async fn accept(app: &App, source: &str, req: Request) -> Result<Response, Error
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
-    let headers = parts
-        .headers
-        .iter()
-        .filter(|(k, _)| is_forwardable_header(k.as_str()))
-        .filter_map(|(k, v)| {
-            v.to_str()
-                .ok()
-                .map(|v| (k.as_str().to_string(), v.to_string()))
-        })
-        .collect();
+    let headers = forwardable_headers(parts.headers);
     let env = Envelope::received(source, key, body, content_type, headers);
 
     let started = Instant::now();
@@ -188,7 +195,7 @@ async fn accept(app: &App, source: &str, req: Request) -> Result<Response, Error
 /// Reads the body up to `max` bytes: a declared length over the limit is refused
 /// before reading anything, a longer stream as soon as it passes the limit, and a
 /// client that sends too slowly is cut off.
-async fn read_body(body: Body, headers: &HeaderMap, max: usize) -> Result<Vec<u8>, Error> {
+async fn read_body(body: Body, headers: &HeaderMap, max: usize) -> Result<Bytes, Error> {
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -199,7 +206,7 @@ async fn read_body(body: Body, headers: &HeaderMap, max: usize) -> Result<Vec<u8
     let read = axum::body::to_bytes(body, max);
     match tokio::time::timeout(BODY_READ_TIMEOUT, read).await {
         Err(_) => Err(Error::BadRequest("the body did not arrive in time".into())),
-        Ok(Ok(b)) => Ok(b.to_vec()),
+        Ok(Ok(b)) => Ok(b),
         Ok(Err(e)) => {
             let too_large = std::error::Error::source(&e)
                 .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());

@@ -201,13 +201,16 @@ impl Verifier {
     }
 
     /// Both directions are bounded: a far-future timestamp would otherwise stay
-    /// replayable until it became "recent". Done in i128 so no input can overflow.
+    /// replayable until it became "recent". Compared in milliseconds, so a
+    /// tolerance under a second means what it says; done in i128 so no input
+    /// can overflow.
     fn window(&self, ts: u64, now: SystemTime) -> Result<(), Error> {
         let now = match now.duration_since(SystemTime::UNIX_EPOCH) {
-            Ok(d) => i128::from(d.as_secs()),
-            Err(e) => -i128::from(e.duration().as_secs()),
+            Ok(d) => i128::try_from(d.as_millis()).unwrap_or(i128::MAX),
+            Err(e) => -i128::try_from(e.duration().as_millis()).unwrap_or(i128::MAX),
         };
-        let (ts, tol) = (i128::from(ts), i128::from(self.tolerance.as_secs()));
+        let ts = i128::from(ts) * 1000;
+        let tol = i128::try_from(self.tolerance.as_millis()).unwrap_or(i128::MAX);
         if now - ts > tol {
             Err(Error::Stale)
         } else if ts - now > tol {
@@ -482,6 +485,18 @@ mod tests {
             h.insert(name, HeaderValue::from_bytes(value).unwrap());
             assert_eq!(v.verify(&h, b"x", at(NOW)), Err(malformed(name)));
         }
+    }
+
+    #[test]
+    fn a_tolerance_under_a_second_is_honoured() {
+        let tolerance = Duration::from_millis(500);
+        let v = Verifier::new(K::Standard, Some(STD_SECRET), None, tolerance).unwrap();
+        let h = std_headers("m1", NOW, &std_sig(STD_SECRET, "m1", NOW, b"x"));
+        let ms = |n| SystemTime::UNIX_EPOCH + Duration::from_millis(NOW * 1000 + n);
+        assert_eq!(v.verify(&h, b"x", ms(400)), OK);
+        assert_eq!(v.verify(&h, b"x", ms(700)), Err(Error::Stale));
+        let early = SystemTime::UNIX_EPOCH + Duration::from_millis(NOW * 1000 - 700);
+        assert_eq!(v.verify(&h, b"x", early), Err(Error::Future));
     }
 
     #[test]

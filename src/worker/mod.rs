@@ -1,11 +1,14 @@
-//! The worker: consume `P.work` with manual acks and a prefetch, process up to
+//! The worker: consume `P.work` with manual acks and a prefetch, deliver up to
 //! `worker.concurrency` messages at once, and stop gracefully.
 //!
-//! The consume loop survives broker loss: when the consumer ends it waits for
-//! the broker handle to reconnect and consumes again. On shutdown it cancels the
-//! consumer, lets in-flight messages finish for a grace period, then tells the
-//! rest to hand their message back, and closes the channel (which returns any
-//! prefetched, untouched messages to the queue).
+//! The consume loop survives broker loss: when the consumer ends it marks that
+//! consumer's messages as lost (their acks can no longer reach the broker, which
+//! hands them out again), closes its channel, waits for the broker handle to
+//! reconnect and consumes again. On shutdown it cancels the consumer, lets
+//! in-flight messages finish for the grace period, then tells the rest to hand
+//! their message back (a delivery already under way still gets its
+//! `worker.timeout_ms`, and a 2xx is recorded), and closes the channel (which
+//! returns any prefetched, untouched messages to the queue).
 
 mod process;
 
@@ -25,9 +28,6 @@ use crate::handler::Handler;
 use crate::metrics::Metrics;
 use crate::retry::Policy;
 
-/// How long in-flight messages may take to finish after a stop signal.
-pub const GRACE: Duration = Duration::from_secs(20);
-
 pub struct Worker {
     broker: Broker,
     dedup: Arc<Dedup>,
@@ -36,8 +36,17 @@ pub struct Worker {
     metrics: Arc<Metrics>,
     /// Confirms for republishes (delay, dead) wait this long.
     publish_timeout: Duration,
+    /// Deliveries to the target at once (`worker.concurrency`); messages held
+    /// are bounded by the prefetch.
+    deliveries: Semaphore,
     concurrency: usize,
     prefetch: u16,
+    /// Broker refusals of a message's republish before it is dead-lettered as
+    /// `delivery_limit` (the safety net a classic queue does not have).
+    delivery_limit: u32,
+    /// A delivery may take this long; after the grace period it still may.
+    timeout: Duration,
+    grace: Duration,
     /// Stop taking work (and stop retrying in-process: park retries on the broker).
     shutdown: CancellationToken,
     /// The grace period is over: hand back whatever is still held.
@@ -58,8 +67,12 @@ impl Worker {
             policy: Policy::new(&settings.retry),
             metrics,
             publish_timeout: settings.ingress.publish_timeout(),
+            deliveries: Semaphore::new(settings.worker.concurrency),
             concurrency: settings.worker.concurrency,
             prefetch: settings.amqp.prefetch,
+            delivery_limit: settings.amqp.delivery_limit,
+            timeout: settings.worker.timeout(),
+            grace: settings.worker.grace(),
             shutdown,
             abandon: CancellationToken::new(),
         }))
@@ -78,11 +91,10 @@ impl Worker {
         &self.dedup
     }
 
-    /// Consumes until `shutdown`, then drains within `grace`.
-    pub async fn run(self: Arc<Self>, grace: Duration) -> anyhow::Result<()> {
+    /// Consumes until `shutdown`, then drains within the grace period.
+    pub async fn run(self: Arc<Self>) -> anyhow::Result<()> {
         let queue = self.broker.topology().work_queue.clone();
         let tracker = TaskTracker::new();
-        let permits = Arc::new(Semaphore::new(self.concurrency));
         let background = tracker.spawn({
             let w = self.clone();
             async move { w.housekeeping().await }
@@ -101,17 +113,15 @@ impl Worker {
             };
             tracing::info!(%queue, prefetch = self.prefetch, concurrency = self.concurrency, "consuming");
             loop {
-                let permit = tokio::select! {
-                    _ = self.shutdown.cancelled() => break,
-                    p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-                };
                 let msg = tokio::select! {
                     _ = self.shutdown.cancelled() => break,
                     m = consumer.next() => m,
                 };
                 let Some(msg) = msg else {
-                    // Channel or connection lost: in-flight messages settle (or are
-                    // redelivered); consume again once the broker is back.
+                    // Channel or connection lost: the messages it delivered are the
+                    // broker's again (their deliveries finish and record what they
+                    // can; a copy that comes back waits for them). Consume anew.
+                    consumer.close().await;
                     continue 'connection;
                 };
                 let w = self.clone();
@@ -119,32 +129,37 @@ impl Worker {
                     w.metrics.in_flight.inc();
                     w.process(msg).await;
                     w.metrics.in_flight.dec();
-                    drop(permit);
                 });
             }
             // Stopping.
             consumer.cancel().await;
-            self.drain(&tracker, grace).await;
+            self.drain(&tracker).await;
             consumer.close().await;
             break;
         }
-        self.drain(&tracker, grace).await;
+        self.drain(&tracker).await;
         background.abort();
         Ok(())
     }
 
-    async fn drain(&self, tracker: &TaskTracker, grace: Duration) {
+    async fn drain(&self, tracker: &TaskTracker) {
         tracker.close();
         let in_flight = self.metrics.in_flight.get();
         if in_flight > 0 {
             tracing::info!(
                 in_flight,
-                ?grace,
+                grace = ?self.grace,
                 "stopping: letting in-flight messages finish"
             );
         }
-        if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
-            tracing::warn!("grace period over: handing the remaining messages back to the queue");
+        if tokio::time::timeout(self.grace, tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "grace period over: handing the remaining messages back to the queue \
+                 (deliveries under way get up to worker.timeout_ms to finish)"
+            );
             self.abandon.cancel();
             tracker.wait().await;
         }

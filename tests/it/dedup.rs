@@ -245,3 +245,124 @@ async fn an_unwritable_store_holds_messages_then_recovers_without_loss_or_doubli
         assert_eq!(target.for_key(&k).len(), 1, "{k}");
     }
 }
+
+/// The broker connections (pids) of this test's prefix whose name starts with
+/// `part`, as `rabbitmqctl` lists them (the name is in the client properties).
+fn connections_of(env: &TestEnv, part: &str) -> Vec<String> {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args(["-q", "list_connections", "pid", "client_properties"])
+        .output()
+        .expect("rabbitmqctl");
+    let name = format!("{part} [{}]", env.prefix);
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains(&name))
+        .filter_map(|l| l.split('\t').next())
+        .map(str::to_string)
+        .collect()
+}
+
+/// The race a dropped connection opens: a worker with slow deliveries in flight
+/// loses its broker connection, the broker hands those messages to the other
+/// worker on the same store, and the first worker's deliveries are still
+/// running. The claim knows its holder is alive: the copy waits, and the target
+/// answers 2xx to each key exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_connection_with_deliveries_in_flight_does_not_deliver_twice() {
+    // Slow enough that the deliveries are still running when the connection
+    // goes (rabbitmqctl takes most of a second per call).
+    let target = FakeTarget::start_slow(Duration::from_secs(5), |_, _| {
+        StatusCode::OK.into_response()
+    })
+    .await;
+    let mut env = TestEnv::new("dropconn").with_target(&target.url);
+    env.settings.worker.timeout_ms = 15_000;
+    let ingress = env.start(Parts::Ingress).await;
+    let c = Client::new(ingress.ingress_addr.unwrap());
+    wait_until(T, "ingress ready", || async {
+        c.get("/readyz").await.status() == 200
+    })
+    .await;
+    let first = env.start(Parts::Worker).await;
+    for i in 0..8 {
+        c.send("s", &format!("slow-{i}"), "{}").await;
+    }
+    wait_until(T, "8 deliveries in flight", || async {
+        target.started() == 8
+    })
+    .await;
+    let held = connections_of(&env, "hookq-worker");
+    assert_eq!(held.len(), 1, "one worker connection so far: {held:?}");
+    let second = env.start(Parts::Worker).await;
+    wait_until(T, "the second worker consuming", || async {
+        connections_of(&env, "hookq-worker").len() == 2
+    })
+    .await;
+    let closed = std::process::Command::new("rabbitmqctl")
+        .args(["close_connection", &held[0], "test: connection dropped"])
+        .status()
+        .unwrap();
+    assert!(closed.success());
+    assert_eq!(
+        target.count(),
+        0,
+        "the connection must close while the deliveries run, or this proves nothing"
+    );
+    // The broker hands the 8 messages out again (to either worker, the first
+    // one once it has reconnected); each copy finds its claim held by a live
+    // worker, waits for the first delivery to end, then sees it done.
+    let duplicates = |addr: std::net::SocketAddr| async move {
+        let m = reqwest::get(format!("http://{addr}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let prefix = r#"hookq_worker_deliveries_total{source="_other",outcome="duplicate"} "#;
+        m.lines()
+            .find_map(|l| l.strip_prefix(prefix))
+            .map_or(0, |n| n.parse::<u32>().unwrap())
+    };
+    let (a, b) = (first.ops_addr.unwrap(), second.ops_addr.unwrap());
+    wait_until(T, "the copies acked as duplicates", || async {
+        duplicates(a).await + duplicates(b).await == 8
+    })
+    .await;
+    assert_each_key_succeeded_once(&target, 8);
+    assert_eq!(target.started(), 8, "no second delivery was started");
+    assert_eq!(target.count(), 8);
+}
+
+/// Two copies of one message in the work queue at once (a shovel re-run, or a
+/// republish whose confirm timed out): the second waits for the first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_copies_of_one_message_are_not_delivered_at_once() {
+    let target = FakeTarget::start_slow(Duration::from_millis(800), |_, _| {
+        StatusCode::OK.into_response()
+    })
+    .await;
+    let env = TestEnv::new("samecopy").with_target(&target.url);
+    let up = env.up().await;
+    let msg = hookq::message::Envelope::received(
+        "s",
+        hookq::message::DedupKey("s:twice".into()),
+        "{}".into(),
+        None,
+        Default::default(),
+    );
+    let broker = env.broker().await;
+    for _ in 0..2 {
+        broker
+            .publish_to_queue(&env.topology().work(), &msg, None, T)
+            .await
+            .unwrap();
+    }
+    let c = Client::new(up.ingress_addr.unwrap());
+    wait_until(T, "one delivered, one duplicate", || async {
+        let m = c.get("/metrics").await.text().await.unwrap();
+        m.contains(r#"{source="_other",outcome="delivered"} 1"#)
+            && m.contains(r#"{source="_other",outcome="duplicate"} 1"#)
+    })
+    .await;
+    assert_eq!(target.started(), 1, "the copy never reached the target");
+}

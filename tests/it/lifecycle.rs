@@ -217,7 +217,10 @@ async fn metrics_parse_and_count_what_was_sent() {
         .into_response()
     })
     .await;
-    let env = TestEnv::new("metrics").with_target(&target.url);
+    let mut env = TestEnv::new("metrics").with_target(&target.url);
+    env.settings
+        .sources
+        .insert("m".into(), hookq::config::SourceSettings::default());
     let up = env.up().await;
     let c = Client::new(up.ingress_addr.unwrap());
     for i in 0..5 {
@@ -238,7 +241,7 @@ async fn metrics_parse_and_count_what_was_sent() {
     .await;
     let m = parse_metrics(&c.get("/metrics").await.text().await.unwrap());
     assert_eq!(
-        m[r#"hookq_ingress_requests_total{source="_other",status="202",code=""}"#],
+        m[r#"hookq_ingress_requests_total{source="m",status="202",code=""}"#],
         8.0
     );
     assert_eq!(m["hookq_ingress_publish_seconds_count"], 8.0);
@@ -246,4 +249,43 @@ async fn metrics_parse_and_count_what_was_sent() {
     assert_eq!(m["hookq_worker_in_flight"], 0.0);
     assert!(m["hookq_dedup_commits"] >= 1.0);
     assert_eq!(m["hookq_broker_reconnects"], 0.0);
+}
+
+/// Deliveries still running when the grace period ends finish within their
+/// own worker.timeout_ms, and each 2xx is recorded and acked: nothing goes back
+/// to the queue to be delivered a second time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_2xx_after_the_grace_period_is_recorded_not_handed_back() {
+    let target = FakeTarget::start_slow(Duration::from_millis(1500), |_, _| {
+        StatusCode::OK.into_response()
+    })
+    .await;
+    let mut env = TestEnv::new("lategrace").with_target(&target.url);
+    env.settings.worker.grace_ms = 200;
+    env.settings.worker.timeout_ms = 10_000;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let up = env.start_with(hookq::serve::Parts::Up, stop.clone()).await;
+    let c = Client::new(up.ingress_addr.unwrap());
+    wait_until(T, "ready", || async {
+        c.get("/readyz").await.status() == 200
+    })
+    .await;
+    for i in 0..8 {
+        c.send("s", &format!("late-{i}"), "{}").await;
+    }
+    wait_until(T, "8 deliveries in flight", || async {
+        target.started() == 8
+    })
+    .await;
+    stop.cancel();
+    tokio::time::timeout(T, up.task)
+        .await
+        .expect("stops")
+        .unwrap()
+        .unwrap();
+    assert_eq!(target.count(), 8, "every delivery under way got its answer");
+    let ok = target.successes();
+    assert!(ok.values().all(|n| *n == 1) && ok.len() == 8, "{ok:?}");
+    // Recorded and acked: nothing was handed back for a second delivery.
+    assert_eq!(env.queue_len(&env.topology().work()).await, 0);
 }

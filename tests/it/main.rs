@@ -6,6 +6,7 @@
 mod support;
 
 mod dedup;
+mod faults;
 mod lifecycle;
 mod operate;
 mod pipeline;

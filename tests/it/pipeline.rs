@@ -114,7 +114,7 @@ async fn server_error_then_ok_recovers_in_process(q: QueueType) {
         .await
         .unwrap();
     assert!(
-        m.contains(r#"hookq_worker_deliveries_total{source="s",outcome="delivered"} 1"#),
+        m.contains(r#"hookq_worker_deliveries_total{source="_other",outcome="delivered"} 1"#),
         "{m}"
     );
     assert!(
@@ -185,7 +185,7 @@ async fn exhausted_retries_end_in_the_dead_queue(q: QueueType) {
     let d = &dead[0];
     assert_eq!(d.key.0, key);
     assert_eq!(d.attempts, 4);
-    assert_eq!(d.body, br#"{"x":1}"#);
+    assert_eq!(d.body, &br#"{"x":1}"#[..]);
     let info = d.dead.as_ref().unwrap();
     assert_eq!(info.reason, DeadReason::MaxAttempts);
     assert_eq!(info.last_status, Some(500));
@@ -241,7 +241,9 @@ async fn failed_republish_hands_the_message_back(q: QueueType) {
     let mut env = TestEnv::new("handback")
         .with_queue_type(q)
         .with_target(&target.url);
-    env.settings.retry.max_attempts = 2;
+    // Each refused republish keeps the attempt it followed (recorded on the
+    // claim): the fourth attempt is the last.
+    env.settings.retry.max_attempts = 4;
     env.settings.retry.inline_attempts = 1;
     env.settings.retry.delays_ms = vec![100];
     let up = env.up().await;
@@ -265,6 +267,12 @@ async fn failed_republish_hands_the_message_back(q: QueueType) {
     .await;
     let dead = env.dead_letters().await;
     assert_eq!(dead[0].key.0, key);
+    assert_eq!(dead[0].attempts, 4);
+    assert_eq!(
+        target.for_key(&key).len(),
+        4,
+        "attempts counted across hand-backs"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

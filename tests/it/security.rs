@@ -12,7 +12,7 @@ use sha2::Sha256;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::support::{Client, TestEnv, wait_until};
+use crate::support::{Client, FakeTarget, TestEnv, wait_until};
 
 const SECRET: &str = "s3cr3t-for-tests";
 const WHSEC: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
@@ -381,4 +381,64 @@ async fn load_beyond_the_in_flight_cap_is_shed_with_503() {
         c.post("open", &[], "{}").await.status() == 202
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_signed_request_with_a_fresh_idempotency_key_is_a_duplicate() {
+    let target = FakeTarget::ok().await;
+    let env = env_with_sources("replay").with_target(&target.url);
+    let up = env.up().await;
+    let c = Client::new(up.ingress_addr.unwrap());
+    let t = now();
+    let body = r#"{"id":"evt_replayed","object":"event"}"#;
+    let std_sig = standard_sig("msg_replayed", t, body);
+    let stripe_sig = stripe_header(body, t, SECRET);
+    for fresh in ["a", "b", "c"] {
+        let r = c
+            .post(
+                "std",
+                &[
+                    ("webhook-id", "msg_replayed"),
+                    ("webhook-timestamp", &t.to_string()),
+                    ("webhook-signature", &std_sig),
+                    ("idempotency-key", fresh),
+                ],
+                body,
+            )
+            .await;
+        assert_eq!(r.status(), 202);
+        let v: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(v["key"], "std:msg_replayed");
+        let r = c
+            .post(
+                "stripe",
+                &[
+                    ("stripe-signature", &stripe_sig),
+                    ("idempotency-key", fresh),
+                ],
+                body,
+            )
+            .await;
+        assert_eq!(r.status(), 202);
+        let v: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(v["key"], "stripe:evt_replayed");
+    }
+    wait_until(Duration::from_secs(15), "both delivered", || async {
+        target.successes().len() == 2
+    })
+    .await;
+    wait_until(
+        Duration::from_secs(15),
+        "the replays settled as duplicates",
+        || async {
+            let m = c.get("/metrics").await.text().await.unwrap();
+            ["std", "stripe"].iter().all(|s| {
+                m.contains(&format!(
+                    r#"hookq_worker_deliveries_total{{source="{s}",outcome="duplicate"}} 2"#
+                ))
+            })
+        },
+    )
+    .await;
+    assert_eq!(target.count(), 2, "each signed event delivered once");
 }

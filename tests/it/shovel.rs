@@ -459,9 +459,9 @@ async fn publish_dead_letters(broker: &Broker, n: usize) -> HashSet<String> {
             let mut e = Envelope::received(
                 "bulk",
                 DedupKey(format!("bulk:{i}")),
-                format!(r#"{{"i":{i}}}"#).into_bytes(),
+                format!(r#"{{"i":{i}}}"#).into(),
                 Some("application/json".into()),
-                vec![],
+                Default::default(),
             );
             e.attempts = 5;
             e.dead = Some(DeadInfo {
@@ -653,7 +653,7 @@ async fn a_foreign_message_in_the_dead_queue_is_listed_and_never_moved() {
     assert!(err.contains("not a hookq message"), "{err}");
 
     let s = run_shovel(&broker, Filter::default(), None).await;
-    assert_eq!((s.moved.total(), s.kept, s.unreadable), (1, 1, 1));
+    assert_eq!((s.moved.total(), s.kept, s.skipped), (1, 1, 1));
     settled(&broker, 1).await;
     let left = hookq::dlq::rows(&broker, None).await.unwrap();
     assert_eq!(left.len(), 1);
@@ -720,12 +720,11 @@ async fn management_eventually(http: &reqwest::Client, path: &str) -> serde_json
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_management_ui_shows_every_queue_with_its_arguments() {
     let http = reqwest::Client::new();
-    if management(&http, "overview").await.is_none() {
-        eprintln!(
-            "management plugin not enabled: skipping (rabbitmq-plugins enable rabbitmq_management)"
-        );
-        return;
-    }
+    assert!(
+        management(&http, "overview").await.is_some(),
+        "the management API is not answering on {MANAGEMENT}: \
+         rabbitmq-plugins enable rabbitmq_management (.ci/run does)"
+    );
     let env = TestEnv::new("mgmt");
     let _broker = env.broker().await;
     let topo = env.topology();
@@ -751,6 +750,11 @@ async fn the_management_ui_shows_every_queue_with_its_arguments() {
     }
     let dead = &shown[&topo.dead()];
     assert_eq!(dead["x-queue-type"], "quorum");
+    assert_eq!(
+        dead["x-delivery-limit"],
+        hookq::broker::topology::DEAD_DELIVERY_LIMIT,
+        "an explicit limit, or RabbitMQ 4.x applies its default of 20"
+    );
     assert!(
         dead.get("x-message-ttl").is_none(),
         "dead letters never expire"
@@ -759,4 +763,72 @@ async fn the_management_ui_shows_every_queue_with_its_arguments() {
     assert_eq!(x["type"], "topic");
     let x = management_eventually(&http, &format!("exchanges/%2F/{}", topo.dead())).await;
     assert_eq!(x["type"], "fanout");
+}
+
+/// Garbage that reached the work queue is parked by the worker as `invalid`,
+/// with a readable envelope around it. The shovel never moves it back, even when
+/// asked for that reason: the target would only get garbage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_dead_letters_are_skipped_never_moved() {
+    let target = FakeTarget::ok().await;
+    let env = TestEnv::new("invalid").with_target(&target.url);
+    let _up = env.up().await;
+    let broker = env.broker().await;
+    let (conn, ch) = env.raw_channel().await;
+    ch.confirm_select(Default::default()).await.unwrap();
+    for i in 0..5 {
+        ch.basic_publish(
+            "".into(),
+            env.topology().work().as_str().into(),
+            Default::default(),
+            format!("garbage {i}").as_bytes(),
+            lapin::BasicProperties::default(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    }
+    let _ = conn.close(200, "bye".into()).await;
+    settled(&broker, 5).await;
+    for filter in [
+        Filter::default(),
+        Filter {
+            reason: Some(DeadReason::Invalid),
+            ..Filter::default()
+        },
+    ] {
+        let s = run_shovel(&broker, filter, None).await;
+        assert_eq!((s.moved.total(), s.kept, s.skipped), (0, 5, 5));
+        settled(&broker, 5).await;
+    }
+    assert_eq!(env.queue_len(&env.topology().work()).await, 0);
+    assert_eq!(target.count(), 0, "the target never sees garbage");
+}
+
+/// Reading dead letters many times over (more than RabbitMQ 4.x's default
+/// delivery limit of 20) removes and reorders nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reading_dead_letters_again_and_again_keeps_every_one_in_order() {
+    let env = TestEnv::new("reread");
+    let broker = env.broker().await;
+    publish_dead_letters(&broker, 10).await;
+    let first = hookq::dlq::rows(&broker, None).await.unwrap();
+    assert_eq!(first.len(), 10);
+    for round in 0..25 {
+        settled(&broker, 10).await;
+        let again = if round % 2 == 0 {
+            hookq::dlq::rows(&broker, None).await.unwrap()
+        } else {
+            hookq::dlq::rows(&broker, Some(3)).await.unwrap()
+        };
+        let ids: Vec<_> = again.iter().map(|r| &r.message_id).collect();
+        let want: Vec<_> = first
+            .iter()
+            .map(|r| &r.message_id)
+            .take(ids.len())
+            .collect();
+        assert_eq!(ids, want, "round {round}");
+    }
+    settled(&broker, 10).await;
 }

@@ -56,12 +56,24 @@ pub struct TestEnv {
     pub dir: tempfile::TempDir,
     pub settings: Settings,
     stops: Mutex<Vec<CancellationToken>>,
+    broker: tokio::sync::OnceCell<Broker>,
+    broker_stop: CancellationToken,
 }
 
 impl TestEnv {
     /// Settings for a test: its own prefix and dedup file, port 0, millisecond
     /// delay tiers, no jitter (so waits can be asserted), log handler.
     pub fn new(name: &str) -> Self {
+        // HOOKQ_LOG=debug shows what the parts in this process do (off by default).
+        static LOGS: std::sync::Once = std::sync::Once::new();
+        LOGS.call_once(|| {
+            let filter = tracing_subscriber::EnvFilter::try_from_env("HOOKQ_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("off"));
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_test_writer()
+                .try_init();
+        });
         let prefix = format!(
             "t.{name}.{}",
             &uuid::Uuid::now_v7().simple().to_string()[20..]
@@ -81,11 +93,16 @@ impl TestEnv {
         s.retry.delays_ms = vec![100, 200, 400];
         s.retry.jitter = 0.0;
         s.dedup.path = dir.path().join("dedup.db");
+        // Short enough that a killed worker's keys are taken over quickly, long
+        // enough for a store thread on a busy 2-core machine to renew it.
+        s.dedup.lease_ms = 2000;
         Self {
             prefix,
             dir,
             settings: s,
             stops: Mutex::new(Vec::new()),
+            broker: tokio::sync::OnceCell::new(),
+            broker_stop: CancellationToken::new(),
         }
     }
 
@@ -135,15 +152,22 @@ impl TestEnv {
     }
 
     /// A broker handle on this test's topology (declares it).
+    /// The test's own broker handle on its topology: connected (and the
+    /// topology declared) once, on first use, and closed when the env drops.
     pub async fn broker(&self) -> Broker {
-        Broker::connect(
-            AMQP_URL,
-            "hookq-test",
-            self.topology(),
-            CancellationToken::new(),
-        )
-        .await
-        .expect("broker")
+        self.broker
+            .get_or_init(|| async {
+                Broker::connect(
+                    AMQP_URL,
+                    "hookq-test",
+                    self.topology(),
+                    self.broker_stop.clone(),
+                )
+                .await
+                .expect("broker")
+            })
+            .await
+            .clone()
     }
 
     pub async fn queue_len(&self, queue: &str) -> u32 {
@@ -216,6 +240,7 @@ impl TestEnv {
             ),
             ("HOOKQ__RETRY__JITTER", "0".into()),
             ("HOOKQ__DEDUP__PATH", s.dedup.path.display().to_string()),
+            ("HOOKQ__DEDUP__LEASE_MS", s.dedup.lease_ms.to_string()),
             ("HOOKQ__INGRESS__ALLOW_UNKNOWN_SOURCES", "true".into()),
         ];
         if let Some(t) = &s.worker.target {
@@ -233,6 +258,7 @@ impl Drop for TestEnv {
         for s in self.stops.lock().map(|s| s.clone()).unwrap_or_default() {
             s.cancel();
         }
+        self.broker_stop.cancel();
         // Delete what the test declared, from a runtime of its own (Drop is sync).
         let topo = self.topology();
         let _ = std::thread::spawn(move || {
@@ -286,6 +312,8 @@ struct TargetState {
     delay: Duration,
     log: Mutex<Vec<Received>>,
     counts: Mutex<HashMap<String, u32>>,
+    /// Requests that arrived, answered or not yet.
+    started: std::sync::atomic::AtomicUsize,
 }
 
 /// A real HTTP server on 127.0.0.1:0 that answers by script and records every request.
@@ -311,6 +339,7 @@ impl FakeTarget {
             script: Arc::new(script),
             log: Mutex::new(Vec::new()),
             counts: Mutex::new(HashMap::new()),
+            started: Default::default(),
         });
         let app = axum::Router::new()
             .fallback(handle)
@@ -342,8 +371,14 @@ impl FakeTarget {
             .collect()
     }
 
+    /// Requests answered so far.
     pub fn count(&self) -> usize {
         self.state.log.lock().unwrap().len()
+    }
+
+    /// Requests that arrived so far, answered or still waiting for their answer.
+    pub fn started(&self) -> usize {
+        self.state.started.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// 2xx answers per key.
@@ -369,6 +404,9 @@ async fn handle(State(state): State<Arc<TargetState>>, req: Request) -> Response
         headers: parts.headers,
         body,
     };
+    state
+        .started
+        .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     let n = {
         let mut c = state.counts.lock().unwrap();
         let e = c.entry(rec.key()).or_default();
