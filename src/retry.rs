@@ -134,7 +134,9 @@ impl Policy {
     /// The per-message expiry inside a delay tier: the tier's TTL shortened by up to
     /// `jitter` (a queue TTL can only be shortened per message), never below `floor`.
     pub fn tier_expiration(&self, tier: usize, u: f64, floor: Option<Duration>) -> Duration {
-        let d = self.tiers[tier.min(self.tiers.len() - 1)];
+        let Some(&d) = self.tiers.get(tier).or(self.tiers.last()) else {
+            return floor.unwrap_or_default();
+        };
         d.mul_f64(1.0 - self.jitter * u)
             .max(floor.unwrap_or_default())
             .min(d)

@@ -91,7 +91,8 @@ pub async fn start(
     let refresh: ops::Refresh = Arc::new(move |m: &Metrics| {
         let reconnects =
             a.as_ref().map_or(0, |a| a.reconnects()) + w.as_ref().map_or(0, |w| w.reconnects());
-        m.reconnects.set(reconnects as i64);
+        m.reconnects
+            .set(i64::try_from(reconnects).unwrap_or(i64::MAX));
         if let Some(w) = &w {
             let commits = w
                 .dedup()
@@ -99,7 +100,8 @@ pub async fn start(
                 .stats
                 .commits
                 .load(std::sync::atomic::Ordering::Relaxed);
-            m.dedup_commits.set(commits as i64);
+            m.dedup_commits
+                .set(i64::try_from(commits).unwrap_or(i64::MAX));
         }
     });
     let ops_router = ops::router(Ops {

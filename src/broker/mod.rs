@@ -121,10 +121,7 @@ async fn establish(url: &str, name: &str, topo: &Topology) -> Result<Session, Er
             url: redact_url(url),
             cause,
         })?;
-    // A refused declaration closes its channel, so it gets one of its own.
-    let ch = connection.create_channel().await?;
-    topology::declare(&ch, topo).await?;
-    let _ = ch.close(200, "declared".into()).await;
+    topology::declare(&connection, topo).await?;
     let mut publishers = Vec::with_capacity(PUBLISHER_CHANNELS);
     for _ in 0..PUBLISHER_CHANNELS {
         let c = connection.create_channel().await?;
@@ -430,10 +427,7 @@ impl Broker {
     /// Declares the topology on a fresh channel and reports what exists.
     pub async fn declare_topology(&self) -> Result<Vec<Declared>, Error> {
         let session = self.session()?;
-        let ch = session.connection.create_channel().await?;
-        let out = topology::declare(&ch, &self.inner.topology).await?;
-        let _ = ch.close(200, "done".into()).await;
-        Ok(out)
+        Ok(topology::declare(&session.connection, &self.inner.topology).await?)
     }
 }
 

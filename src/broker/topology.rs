@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{Channel, ExchangeKind};
+use lapin::{Connection, ExchangeKind};
 
 use crate::config::{AmqpSettings, QueueType, RetrySettings};
 
@@ -149,7 +149,7 @@ impl Topology {
         // queue-level TTL keeps every message's wait exact.
         t.insert(
             "x-message-ttl".into(),
-            AMQPValue::LongLongInt(tier.delay.as_millis() as i64),
+            AMQPValue::LongLongInt(i64::try_from(tier.delay.as_millis()).unwrap_or(i64::MAX)),
         );
         // Expired messages go back to the work queue through the default exchange.
         t.insert("x-dead-letter-exchange".into(), long_str(""));
@@ -249,9 +249,19 @@ fn show(args: &FieldTable) -> String {
         .join(", ")
 }
 
-/// Declares everything, in dependency order. A refused queue closes `channel`
-/// (that is AMQP), so callers use a channel of its own for this.
-pub async fn declare(channel: &Channel, topo: &Topology) -> Result<Vec<Declared>, Error> {
+/// Declares everything, in dependency order, on channels of its own (a refused
+/// declaration closes its channel: that is AMQP).
+pub async fn declare(connection: &Connection, topo: &Topology) -> Result<Vec<Declared>, Error> {
+    let open = || async {
+        connection
+            .create_channel()
+            .await
+            .map_err(|cause| Error::Broker {
+                what: "a channel for declaring".into(),
+                cause,
+            })
+    };
+    let mut channel = open().await?;
     let durable_x = ExchangeDeclareOptions {
         durable: true,
         ..Default::default()
@@ -298,7 +308,6 @@ pub async fn declare(channel: &Channel, topo: &Topology) -> Result<Vec<Declared>
         let args = topo.delay_args(&tier);
         queues.push((tier.queue, args));
     }
-    queues.push((dead.clone(), topo.dead_args()));
     for (name, args) in queues {
         channel
             .queue_declare(name.as_str().into(), durable_q, args.clone())
@@ -309,6 +318,49 @@ pub async fn declare(channel: &Channel, topo: &Topology) -> Result<Vec<Declared>
             kind: "queue",
             arguments: show(&args),
         });
+    }
+    let args = topo.dead_args();
+    match channel
+        .queue_declare(dead.as_str().into(), durable_q, args.clone())
+        .await
+        .map_err(|e| refused(&format!("queue {dead}"), Some(&dead), e))
+    {
+        Ok(_) => out.push(Declared {
+            name: dead.clone(),
+            kind: "queue",
+            arguments: show(&args),
+        }),
+        // A P.dead from before hookq declared its delivery limit, holding dead
+        // letters: refusing to start over it would stop the ingress too. Keep
+        // it, and say loudly how to make it safe.
+        Err(Error::Inequivalent { argument, .. }) if argument == "x-delivery-limit" => {
+            tracing::warn!(
+                queue = %dead,
+                "{dead} exists without x-delivery-limit: on RabbitMQ 4.x a quorum queue then has a \
+                 delivery limit of 20 and drops a dead letter read more often than that. Set one with \
+                 a policy: rabbitmqctl set_policy hookq-dead '^{}$' '{{\"delivery-limit\":{DEAD_DELIVERY_LIMIT}}}' \
+                 --apply-to quorum_queues --priority 10 (or drain it with hookq shovel, delete it, and let hookq declare it)",
+                dead.replace('.', "\\.")
+            );
+            channel = open().await?;
+            channel
+                .queue_declare(
+                    dead.as_str().into(),
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..durable_q
+                    },
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(|e| refused(&format!("queue {dead}"), Some(&dead), e))?;
+            out.push(Declared {
+                name: dead.clone(),
+                kind: "queue",
+                arguments: "existing, without x-delivery-limit (see the warning)".into(),
+            });
+        }
+        Err(e) => return Err(e),
     }
 
     let work = topo.work();
@@ -326,12 +378,13 @@ pub async fn declare(channel: &Channel, topo: &Topology) -> Result<Vec<Declared>
         .queue_bind(
             dead.as_str().into(),
             dead.as_str().into(),
-            ShortString::from(""),
+            ShortString::default(),
             QueueBindOptions::default(),
             FieldTable::default(),
         )
         .await
         .map_err(|e| refused("binding of the dead queue", None, e))?;
+    let _ = channel.close(200, "declared".into()).await;
     Ok(out)
 }
 

@@ -280,3 +280,42 @@ mod a_republish_that_keeps_failing_ends_in_the_dead_queue {
         super::a_republish_that_keeps_failing_ends_in_the_dead_queue(QueueType::Quorum).await
     }
 }
+
+/// A `P.dead` declared by the first release (no x-delivery-limit) still holds
+/// its dead letters after an upgrade: hookq keeps it (and warns), rather than
+/// refusing to start, which would also stop the ingress.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_old_dead_queue_without_a_delivery_limit_does_not_stop_hookq() {
+    let env = TestEnv::new("olddead");
+    let (conn, ch) = env.raw_channel().await;
+    let mut args = lapin::types::FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        lapin::types::AMQPValue::LongString("quorum".into()),
+    );
+    ch.queue_declare(
+        env.topology().dead().as_str().into(),
+        lapin::options::QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        args,
+    )
+    .await
+    .unwrap();
+    let _ = conn.close(200, "bye".into()).await;
+    let declared = env.broker().await.declare_topology().await.unwrap();
+    let dead = declared
+        .iter()
+        .find(|d| d.name == env.topology().dead() && d.kind == "queue")
+        .unwrap();
+    assert!(
+        dead.arguments.contains("without x-delivery-limit"),
+        "{dead:?}"
+    );
+    let up = env.up().await;
+    let r = Client::new(up.ingress_addr.unwrap())
+        .post("s", &[], "{}")
+        .await;
+    assert_eq!(r.status(), 202);
+}
