@@ -4,14 +4,12 @@
 
 use std::process::ExitCode;
 
-use anyhow::Context;
 use clap::Parser;
-use tokio_util::sync::CancellationToken;
 
-use hookq::broker::{Broker, Topology};
 use hookq::cli::{Cli, Command, DlqCommand};
-use hookq::serve::{self, Parts};
-use hookq::{config, shutdown, telemetry};
+use hookq::system::{Parts, System};
+use hookq::tools::commands;
+use hookq::{config, ingress, shutdown, telemetry};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -22,7 +20,9 @@ fn main() -> ExitCode {
         telemetry::DEFAULT_FILTER
     };
     telemetry::init_with_default(cli.log_format, filter);
-    let settings = match config::load(cli.config.as_deref()) {
+    let settings = match config::load(cli.config.as_deref())
+        .and_then(|s| ingress::check_sources(&s.sources).map(|_| s))
+    {
         Ok(s) => s,
         Err(e) => {
             eprintln!("hookq: {e}");
@@ -54,39 +54,33 @@ async fn run(command: Command, settings: config::Settings) -> anyhow::Result<Exi
         Command::Ingress => Parts::Ingress,
         Command::Worker => Parts::Worker,
         Command::Topology => return topology(&settings).await,
-        Command::Shovel(args) => return hookq::shovel::run(&settings, &args).await,
+        Command::Shovel(args) => return commands::shovel(&settings, &args).await,
         Command::Dlq(DlqCommand::List { limit, json }) => {
-            return hookq::dlq::list(&settings, limit, json).await;
+            return commands::dlq_list(&settings, limit, json).await;
         }
         Command::Dlq(DlqCommand::Stats { json }) => {
-            return hookq::dlq::stats(&settings, json).await;
+            return commands::dlq_stats(&settings, json).await;
         }
         Command::Simulate(args) => return hookq::simulate::run(&settings, &args).await,
         Command::Bench(args) => return hookq::bench::run(&settings, &args).await,
     };
-    if let Err(e) = settings.validate_worker().or_else(|e| {
-        if parts == Parts::Ingress {
-            Ok(())
-        } else {
-            Err(e)
-        }
-    }) {
+    if parts != Parts::Ingress
+        && let Err(e) = settings.validate_worker()
+    {
         eprintln!("hookq: {e}");
         return Ok(ExitCode::from(2));
     }
-    let stop = shutdown::on_signal();
-    let running = serve::start(&settings, parts, stop).await?;
-    running.task.await.context("hookq stopped unexpectedly")??;
+    let system = System::start(&settings, parts, shutdown::on_signal()).await?;
+    system.wait().await?;
     tracing::info!("stopped cleanly");
     Ok(ExitCode::SUCCESS)
 }
 
 async fn topology(settings: &config::Settings) -> anyhow::Result<ExitCode> {
-    let topo = Topology::new(&settings.amqp, &settings.retry);
-    let stop = CancellationToken::new();
-    let broker = Broker::connect(&settings.amqp.url, "hookq-topology", topo, stop.clone()).await?;
-    let declared = broker.declare_topology().await?;
-    for d in declared {
+    let broker = hookq::tools::connect(settings, "hookq-topology").await?;
+    let declared = broker.declare_topology().await;
+    broker.close().await;
+    for d in declared? {
         if d.arguments.is_empty() {
             hookq::cli::print(format_args!("{:<28} {}", d.name, d.kind));
         } else {
@@ -96,6 +90,5 @@ async fn topology(settings: &config::Settings) -> anyhow::Result<ExitCode> {
             ));
         }
     }
-    stop.cancel();
     Ok(ExitCode::SUCCESS)
 }

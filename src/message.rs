@@ -164,6 +164,12 @@ impl Envelope {
     }
 }
 
+/// The tracing span of everything done for one message: lines about it carry
+/// its message id, key and source.
+pub fn span(env: &Envelope) -> tracing::Span {
+    tracing::info_span!("message", message_id = %env.message_id, key = %env.key, source = %env.source)
+}
+
 /// Now, as RFC 3339 with milliseconds (UTC).
 pub fn rfc3339_now() -> String {
     humantime::format_rfc3339_millis(SystemTime::now()).to_string()

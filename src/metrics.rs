@@ -1,9 +1,12 @@
 //! Prometheus metrics for the ingress and the worker, served as text on /metrics.
 //!
 //! One [`Metrics`] per process (`hookq up` shares it between both parts), so a
-//! scrape sees everything the process does.
+//! scrape sees everything the process does. The parts do not touch it: they
+//! report [`crate::events`], which record here; the label of every outcome is
+//! written once, in this file.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -12,23 +15,33 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+use crate::events::Outcome;
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
     pub source: String,
     pub status: u16,
-    pub code: String,
+    pub code: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DeliveryLabels {
     pub source: String,
-    /// delivered, duplicate, retried, dead
+    /// delivered, duplicate, retried, dead, handed_back
     pub outcome: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TierLabels {
     pub tier: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnectionLabels {
+    /// hookq-ingress, hookq-worker, ...
+    pub connection: String,
+    /// host:port of the broker node.
+    pub node: String,
 }
 
 /// The `source` label of every source not named in the configuration.
@@ -45,18 +58,19 @@ pub struct Metrics {
     /// when allowed, come from the internet) is labelled `_other`, so that no
     /// client can grow the metric families without bound.
     known_sources: std::collections::HashSet<String>,
-    pub requests: Family<RequestLabels, Counter>,
+    requests: Family<RequestLabels, Counter>,
     /// Requests whose handler panicked (answered 500 by the catch layer).
     pub ingress_panics: Counter,
-    pub publish_seconds: Histogram,
-    pub deliveries: Family<DeliveryLabels, Counter>,
+    publish_seconds: Histogram,
+    deliveries: Family<DeliveryLabels, Counter>,
     pub delivery_seconds: Histogram,
-    pub dedup_hits: Family<TierLabels, Counter>,
+    dedup_hits: Family<TierLabels, Counter>,
     pub in_flight: Gauge,
-    /// Set from the broker handle when scraped.
-    pub reconnects: Gauge,
-    /// Set from the dedup store when scraped.
-    pub dedup_commits: Gauge,
+    reconnects: Counter,
+    /// 1 for each (connection, node) in use now.
+    connected: Family<ConnectionLabels, Gauge>,
+    /// Counted by the dedup store's thread.
+    pub dedup_commits: Counter,
 }
 
 impl Metrics {
@@ -83,7 +97,7 @@ impl Metrics {
         let deliveries = Family::<DeliveryLabels, Counter>::default();
         registry.register(
             "worker_deliveries",
-            "Messages handled by source and outcome (delivered, duplicate, retried, dead)",
+            "Messages settled by source and outcome (delivered, duplicate, retried, dead, handed_back)",
             deliveries.clone(),
         );
         let delivery_seconds = latency();
@@ -104,13 +118,19 @@ impl Metrics {
             "Messages being processed now",
             in_flight.clone(),
         );
-        let reconnects = Gauge::default();
+        let reconnects = Counter::default();
         registry.register(
             "broker_reconnects",
             "Broker connections re-established after a loss",
             reconnects.clone(),
         );
-        let dedup_commits = Gauge::default();
+        let connected = Family::<ConnectionLabels, Gauge>::default();
+        registry.register(
+            "broker_connected",
+            "1 for each broker connection and the node it is connected to",
+            connected.clone(),
+        );
+        let dedup_commits = Counter::default();
         registry.register(
             "dedup_commits",
             "SQLite transactions committed by the dedup store",
@@ -127,6 +147,7 @@ impl Metrics {
             dedup_hits,
             in_flight,
             reconnects,
+            connected,
             dedup_commits,
         })
     }
@@ -140,13 +161,56 @@ impl Metrics {
         }
     }
 
-    pub fn delivery(&self, source: &str, outcome: &'static str) {
+    pub(crate) fn accepted(&self, source: &str, publish: Duration) {
+        self.refused(source, 202, "");
+        self.publish_seconds.observe(publish.as_secs_f64());
+    }
+
+    pub(crate) fn refused(&self, source: &str, status: u16, code: &'static str) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                source: self.source_label(source).to_string(),
+                status,
+                code,
+            })
+            .inc();
+    }
+
+    pub(crate) fn settled(&self, source: &str, outcome: &Outcome) {
+        if let Outcome::Duplicate { tier } = outcome {
+            self.dedup_hits
+                .get_or_create(&TierLabels {
+                    tier: tier.as_str(),
+                })
+                .inc();
+        }
         self.deliveries
             .get_or_create(&DeliveryLabels {
                 source: self.source_label(source).to_string(),
-                outcome,
+                outcome: outcome.label(),
             })
             .inc();
+    }
+
+    pub(crate) fn connected(&self, connection: &str, node: &str, reconnect: bool) {
+        if reconnect {
+            self.reconnects.inc();
+        }
+        self.connected
+            .get_or_create(&ConnectionLabels {
+                connection: connection.to_string(),
+                node: node.to_string(),
+            })
+            .set(1);
+    }
+
+    pub(crate) fn disconnected(&self, connection: &str, node: &str) {
+        self.connected
+            .get_or_create(&ConnectionLabels {
+                connection: connection.to_string(),
+                node: node.to_string(),
+            })
+            .set(0);
     }
 
     pub fn render(&self) -> String {

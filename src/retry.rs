@@ -1,15 +1,15 @@
 //! The retry policy, pure: (failed deliveries so far, what went wrong) -> what to
-//! do next. No I/O and no clock, so it is tested with a table.
+//! do next. No I/O and no clock, so it is tested with a table. The one
+//! definition of the retry schedule: the worker's in-process loop and the delay
+//! tiers of the topology both read it from here.
 //!
 //! Of `max_attempts` deliveries, the first `inline_attempts` happen in-process
 //! with a short doubling backoff; after that each retry waits in a broker delay
-//! queue (the k-th broker retry uses `delays_ms[min(k-1, last)]`). A
+//! queue (the k-th broker retry uses `delays[min(k-1, last)]`). A
 //! `Retry-After` from the target is a floor on the wait: a wait longer than the
 //! in-process backoff moves the message to the smallest tier at least that long.
 
 use std::time::Duration;
-
-use backon::ExponentialBuilder;
 
 use crate::config::RetrySettings;
 use crate::message::DeadReason;
@@ -23,15 +23,20 @@ pub enum Failure {
     Permanent,
 }
 
+/// A delay tier, named by its wait (one of `retry.delays_ms`); the topology
+/// spells its queue from it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DelayTier(pub Duration);
+
 /// What to do after a failed attempt.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Decision {
     /// Try again in this process after the given (unjittered) wait.
     Inline(Duration),
-    /// Republish to the delay tier with this index; the message must wait at
-    /// least `floor` (the target's Retry-After) there.
+    /// Republish to this delay tier; the message must wait at least `floor`
+    /// (the target's Retry-After, clamped) there.
     Delay {
-        tier: usize,
+        tier: DelayTier,
         floor: Option<Duration>,
     },
     Dead(DeadReason),
@@ -39,70 +44,69 @@ pub enum Decision {
 
 #[derive(Clone, Debug)]
 pub struct Policy {
-    pub max_attempts: u32,
-    pub inline_attempts: u32,
-    pub inline_delay: Duration,
-    pub tiers: Vec<Duration>,
-    pub jitter: f64,
-    /// The longest wait accepted from a target (`retry.max_delay_ms`).
-    pub max_delay: Duration,
+    settings: RetrySettings,
 }
 
 impl Policy {
-    pub fn new(s: &RetrySettings) -> Self {
+    /// `settings` are validated (at least one tier, ascending).
+    pub fn new(settings: &RetrySettings) -> Self {
         Self {
-            max_attempts: s.max_attempts,
-            inline_attempts: s.inline_attempts,
-            inline_delay: Duration::from_millis(s.inline_delay_ms),
-            tiers: s
-                .delays_ms
-                .iter()
-                .map(|&ms| Duration::from_millis(ms))
-                .collect(),
-            jitter: s.jitter,
-            max_delay: Duration::from_millis(s.max_delay_ms),
+            settings: settings.clone(),
         }
+    }
+
+    pub fn settings(&self) -> &RetrySettings {
+        &self.settings
+    }
+
+    /// Every tier, ascending, without repeats: the queues the topology declares.
+    pub fn tiers(&self) -> Vec<DelayTier> {
+        let mut t: Vec<DelayTier> = self
+            .settings
+            .delays
+            .iter()
+            .copied()
+            .map(DelayTier)
+            .collect();
+        t.dedup();
+        t
+    }
+
+    fn tier(&self, k: usize) -> DelayTier {
+        let d = &self.settings.delays;
+        DelayTier(d.get(k).or(d.last()).copied().unwrap_or_default())
     }
 
     /// A wait the target asked for (Retry-After, or what is left of it on a
     /// message back early from its tier), clamped to `retry.max_delay_ms`: a
     /// date in the year 9999 must not park a message forever.
     pub fn clamp(&self, wait: Duration) -> Duration {
-        wait.min(self.max_delay)
-    }
-
-    /// The in-process backoff schedule, for `backon`: doubling from
-    /// `inline_delay`, jitter applied by [`Policy::jittered`] instead of backon's
-    /// own (which only adds, up to 100%).
-    pub fn inline_backoff(&self) -> ExponentialBuilder {
-        ExponentialBuilder::default()
-            .with_min_delay(self.inline_delay)
-            .with_factor(2.0)
-            .with_max_times(self.inline_attempts.saturating_sub(1) as usize)
+        wait.min(self.settings.max_delay)
     }
 
     /// The in-process wait before attempt `failed + 1`.
     fn inline_wait(&self, failed: u32) -> Duration {
-        self.inline_delay
+        self.settings
+            .inline_delay
             .saturating_mul(2u32.saturating_pow(failed.saturating_sub(1)))
     }
 
     /// `failed`: failed deliveries so far, this one included (>= 1).
     pub fn after_failure(&self, failed: u32, failure: &Failure) -> Decision {
+        let s = &self.settings;
         let retry_after = match failure {
             Failure::Permanent => return Decision::Dead(DeadReason::Rejected),
             Failure::Retryable { retry_after } => retry_after.map(|ra| self.clamp(ra)),
         };
-        if failed >= self.max_attempts {
+        if failed >= s.max_attempts {
             return Decision::Dead(DeadReason::MaxAttempts);
         }
         let inline = self.inline_wait(failed);
-        if failed < self.inline_attempts && retry_after.is_none_or(|ra| ra <= inline) {
+        if failed < s.inline_attempts && retry_after.is_none_or(|ra| ra <= inline) {
             return Decision::Inline(inline.max(retry_after.unwrap_or_default()));
         }
-        let k = failed.saturating_sub(self.inline_attempts) as usize; // 0-based broker retry
-        let last = self.tiers.len().saturating_sub(1);
-        let mut tier = k.min(last);
+        let k = failed.saturating_sub(s.inline_attempts) as usize; // 0-based broker retry
+        let mut tier = self.tier(k);
         if let Some(ra) = retry_after {
             tier = tier.max(self.tier_at_least(ra));
         }
@@ -114,17 +118,22 @@ impl Policy {
 
     /// The smallest tier at least `d` long, else the largest (the worker then
     /// re-delays the message until its not-before time).
-    pub fn tier_at_least(&self, d: Duration) -> usize {
-        self.tiers
-            .iter()
-            .position(|&t| t >= d)
-            .unwrap_or(self.tiers.len().saturating_sub(1))
+    pub fn tier_at_least(&self, d: Duration) -> DelayTier {
+        let delays = &self.settings.delays;
+        DelayTier(
+            delays
+                .iter()
+                .copied()
+                .find(|&t| t >= d)
+                .or(delays.last().copied())
+                .unwrap_or_default(),
+        )
     }
 
     /// `d` moved by up to ± jitter; `u` is uniform in [0, 1). Never below `floor`:
     /// jitter only adds to a Retry-After.
     pub fn jittered(&self, d: Duration, u: f64, floor: Option<Duration>) -> Duration {
-        let factor = 1.0 + self.jitter * (2.0 * u - 1.0);
+        let factor = 1.0 + self.settings.jitter * (2.0 * u - 1.0);
         // try_from: a huge configured backoff saturates instead of panicking.
         Duration::try_from_secs_f64(d.as_secs_f64() * factor.max(0.0))
             .unwrap_or(Duration::MAX)
@@ -133,11 +142,10 @@ impl Policy {
 
     /// The per-message expiry inside a delay tier: the tier's TTL shortened by up to
     /// `jitter` (a queue TTL can only be shortened per message), never below `floor`.
-    pub fn tier_expiration(&self, tier: usize, u: f64, floor: Option<Duration>) -> Duration {
-        let Some(&d) = self.tiers.get(tier).or(self.tiers.last()) else {
-            return floor.unwrap_or_default();
-        };
-        d.mul_f64(1.0 - self.jitter * u)
+    pub fn tier_expiration(&self, tier: DelayTier, u: f64, floor: Option<Duration>) -> Duration {
+        let d = tier.0;
+        Duration::try_from_secs_f64(d.as_secs_f64() * (1.0 - self.settings.jitter * u).max(0.0))
+            .unwrap_or(d)
             .max(floor.unwrap_or_default())
             .min(d)
     }
@@ -159,14 +167,22 @@ mod tests {
     use super::*;
 
     fn policy() -> Policy {
+        policy_with(2, 6)
+    }
+
+    fn policy_with(inline_attempts: u32, max_attempts: u32) -> Policy {
         Policy::new(&RetrySettings {
-            max_attempts: 6,
-            inline_attempts: 2,
-            inline_delay_ms: 100,
-            delays_ms: vec![1000, 5000, 30_000],
+            max_attempts,
+            inline_attempts,
+            inline_delay: Duration::from_millis(100),
+            delays: [1000, 5000, 30_000].map(Duration::from_millis).to_vec(),
             jitter: 0.1,
-            max_delay_ms: 3_600_000,
+            max_delay: Duration::from_secs(3600),
         })
+    }
+
+    fn tier(ms: u64) -> DelayTier {
+        DelayTier(Duration::from_millis(ms))
     }
 
     fn retry(ra: Option<u64>) -> Failure {
@@ -186,7 +202,7 @@ mod tests {
                 2,
                 retry(None),
                 Decision::Delay {
-                    tier: 0,
+                    tier: tier(1000),
                     floor: None,
                 },
             ),
@@ -194,7 +210,7 @@ mod tests {
                 3,
                 retry(None),
                 Decision::Delay {
-                    tier: 1,
+                    tier: tier(5000),
                     floor: None,
                 },
             ),
@@ -202,7 +218,7 @@ mod tests {
                 4,
                 retry(None),
                 Decision::Delay {
-                    tier: 2,
+                    tier: tier(30_000),
                     floor: None,
                 },
             ),
@@ -210,7 +226,7 @@ mod tests {
                 5,
                 retry(None),
                 Decision::Delay {
-                    tier: 2,
+                    tier: tier(30_000),
                     floor: None,
                 },
             ),
@@ -223,7 +239,7 @@ mod tests {
                 1,
                 retry(Some(3)),
                 Decision::Delay {
-                    tier: 1,
+                    tier: tier(5000),
                     floor: Some(s(3)),
                 },
             ),
@@ -231,7 +247,7 @@ mod tests {
                 2,
                 retry(Some(1)),
                 Decision::Delay {
-                    tier: 0,
+                    tier: tier(1000),
                     floor: Some(s(1)),
                 },
             ),
@@ -239,7 +255,7 @@ mod tests {
                 3,
                 retry(Some(1)),
                 Decision::Delay {
-                    tier: 1,
+                    tier: tier(5000),
                     floor: Some(s(1)),
                 },
             ),
@@ -248,7 +264,7 @@ mod tests {
                 2,
                 retry(Some(100)),
                 Decision::Delay {
-                    tier: 2,
+                    tier: tier(30_000),
                     floor: Some(s(100)),
                 },
             ),
@@ -281,7 +297,7 @@ mod tests {
                     }
                 ),
                 Decision::Delay {
-                    tier: 2,
+                    tier: tier(30_000),
                     floor: Some(Duration::from_secs(3600)),
                 }
             );
@@ -300,9 +316,7 @@ mod tests {
 
     #[test]
     fn inline_waits_double() {
-        let mut p = policy();
-        p.inline_attempts = 4;
-        p.max_attempts = 10;
+        let p = policy_with(4, 10);
         let waits: Vec<_> = (1..4)
             .map(|f| match p.after_failure(f, &retry(None)) {
                 Decision::Inline(d) => d.as_millis(),
@@ -320,9 +334,9 @@ mod tests {
         assert_eq!(p.jittered(d, 0.5, None), d);
         assert!(p.jittered(d, 0.999, None) <= Duration::from_millis(1100));
         assert_eq!(p.jittered(d, 0.0, Some(d)), d);
-        assert_eq!(p.tier_expiration(0, 0.0, None), d);
-        assert_eq!(p.tier_expiration(0, 0.999, None).as_millis(), 900);
-        assert_eq!(p.tier_expiration(0, 0.999, Some(d)), d);
+        assert_eq!(p.tier_expiration(tier(1000), 0.0, None), d);
+        assert_eq!(p.tier_expiration(tier(1000), 0.999, None).as_millis(), 900);
+        assert_eq!(p.tier_expiration(tier(1000), 0.999, Some(d)), d);
     }
 
     #[test]

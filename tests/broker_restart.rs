@@ -2,6 +2,8 @@
 //! test binary, so that it runs alone: cargo runs test binaries one after
 //! another, and no other test may see the broker go away.
 
+// This binary uses a few of the shared helpers; the `it` binary uses them all.
+#[allow(dead_code)]
 #[path = "it/support.rs"]
 mod support;
 
@@ -87,7 +89,7 @@ async fn broker_restart_mid_stream_loses_no_accepted_webhook() {
     .await;
     stop.store(true, Ordering::Relaxed);
     sender.await.unwrap();
-    assert!(!up.task.is_finished(), "the process stopped");
+    assert!(up.is_ready(), "the parts are connected again");
 
     let accepted = accepted.lock().unwrap().clone();
     wait_until(
@@ -100,10 +102,14 @@ async fn broker_restart_mid_stream_loses_no_accepted_webhook() {
     )
     .await;
     let m = c.get("/metrics").await.text().await.unwrap();
-    assert!(
-        !m.contains("hookq_broker_reconnects 0"),
-        "reconnects not counted: {m}"
-    );
+    let reconnects: f64 = m
+        .lines()
+        .find_map(|l| l.strip_prefix("hookq_broker_reconnects_total "))
+        .unwrap_or_else(|| panic!("no reconnect counter: {m}"))
+        .parse()
+        .unwrap();
+    // Both the ingress's and the worker's connection came back.
+    assert!(reconnects >= 2.0, "reconnects counted: {reconnects}");
 }
 
 /// Runs `f` when dropped, so the broker is started again even if an assertion fails.

@@ -12,18 +12,12 @@ use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptio
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{Connection, ExchangeKind};
 
-use crate::config::{AmqpSettings, QueueType, RetrySettings};
+use crate::config::{AmqpSettings, QueueType};
+use crate::retry::{DelayTier, Policy};
 
 /// `x-delivery-limit` of a quorum `P.dead`: large enough that no amount of
 /// reading reaches it, valid on RabbitMQ 3.x and 4.x alike.
 pub const DEAD_DELIVERY_LIMIT: i64 = 1_000_000_000;
-
-/// One delay tier: a queue whose TTL is the wait.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct DelayTier {
-    pub delay: Duration,
-    pub queue: String,
-}
 
 /// Every name hookq uses on the broker, derived from the prefix.
 #[derive(Clone, Debug)]
@@ -31,15 +25,13 @@ pub struct Topology {
     pub prefix: String,
     pub queue_type: QueueType,
     pub delivery_limit: u32,
-    /// Ascending by delay, as configured.
+    /// Ascending, without repeats: from the retry policy, the one definition.
     pub tiers: Vec<DelayTier>,
-    /// The queue this process consumes. `P.work` today; a parameter so that
-    /// consistent-hash partitions (`P.work.<n>`) are a small step.
-    pub work_queue: String,
 }
 
 /// A tier's name: the delay in the largest unit (h, m, s, ms) that writes it exactly.
-pub fn tier_name(ms: u64) -> String {
+pub fn tier_name(d: Duration) -> String {
+    let ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
     const UNITS: [(u64, &str); 3] = [(3_600_000, "h"), (60_000, "m"), (1000, "s")];
     for (size, unit) in UNITS {
         if ms.is_multiple_of(size) {
@@ -50,22 +42,12 @@ pub fn tier_name(ms: u64) -> String {
 }
 
 impl Topology {
-    pub fn new(amqp: &AmqpSettings, retry: &RetrySettings) -> Self {
-        let p = &amqp.prefix;
-        let tiers = retry
-            .delays_ms
-            .iter()
-            .map(|&ms| DelayTier {
-                delay: Duration::from_millis(ms),
-                queue: format!("{p}.delay.{}", tier_name(ms)),
-            })
-            .collect();
+    pub fn new(amqp: &AmqpSettings, policy: &Policy) -> Self {
         Self {
-            prefix: p.clone(),
+            prefix: amqp.prefix.clone(),
             queue_type: amqp.queue_type,
             delivery_limit: amqp.delivery_limit,
-            tiers,
-            work_queue: format!("{p}.work"),
+            tiers: policy.tiers(),
         }
     }
 
@@ -79,9 +61,14 @@ impl Topology {
         format!("source.{source}")
     }
 
-    /// The work queue (`P.work`), whatever this process consumes.
+    /// The work queue (`P.work`).
     pub fn work(&self) -> String {
         format!("{}.work", self.prefix)
+    }
+
+    /// A delay tier's queue: `P.delay.<tier>`.
+    pub fn delay(&self, tier: DelayTier) -> String {
+        format!("{}.delay.{}", self.prefix, tier_name(tier.0))
     }
 
     /// Both the fanout exchange and its queue.
@@ -92,29 +79,14 @@ impl Topology {
     /// Every queue, for cleanup and printing.
     pub fn queues(&self) -> Vec<String> {
         let mut q = vec![self.work()];
-        q.extend(self.unique_tiers().into_iter().map(|t| t.queue));
+        q.extend(self.tiers.iter().map(|t| self.delay(*t)));
         q.push(self.dead());
         q
     }
 
-    /// Tiers without repeats (a configured list may repeat a delay).
-    fn unique_tiers(&self) -> Vec<DelayTier> {
-        let mut out: Vec<DelayTier> = Vec::new();
-        for t in &self.tiers {
-            if !out.iter().any(|o| o.queue == t.queue) {
-                out.push(t.clone());
-            }
-        }
-        out
-    }
-
     fn queue_type_args(&self) -> FieldTable {
         let mut t = FieldTable::default();
-        let kind = match self.queue_type {
-            QueueType::Quorum => "quorum",
-            QueueType::Classic => "classic",
-        };
-        t.insert("x-queue-type".into(), long_str(kind));
+        t.insert("x-queue-type".into(), long_str(self.queue_type.as_str()));
         t
     }
 
@@ -143,13 +115,13 @@ impl Topology {
         t
     }
 
-    pub fn delay_args(&self, tier: &DelayTier) -> FieldTable {
+    pub fn delay_args(&self, tier: DelayTier) -> FieldTable {
         let mut t = self.queue_type_args();
         // One queue per tier: TTL expiry happens only at a queue's head, so a
         // queue-level TTL keeps every message's wait exact.
         t.insert(
             "x-message-ttl".into(),
-            AMQPValue::LongLongInt(i64::try_from(tier.delay.as_millis()).unwrap_or(i64::MAX)),
+            AMQPValue::LongLongInt(i64::try_from(tier.0.as_millis()).unwrap_or(i64::MAX)),
         );
         // Expired messages go back to the work queue through the default exchange.
         t.insert("x-dead-letter-exchange".into(), long_str(""));
@@ -304,9 +276,8 @@ pub async fn declare(connection: &Connection, topo: &Topology) -> Result<Vec<Dec
     });
 
     let mut queues = vec![(topo.work(), topo.work_args())];
-    for tier in topo.unique_tiers() {
-        let args = topo.delay_args(&tier);
-        queues.push((tier.queue, args));
+    for &tier in &topo.tiers {
+        queues.push((topo.delay(tier), topo.delay_args(tier)));
     }
     for (name, args) in queues {
         channel
@@ -406,13 +377,14 @@ mod tests {
             (50, "50ms"),
         ];
         for (ms, name) in cases {
-            assert_eq!(tier_name(ms), name, "{ms}");
+            assert_eq!(tier_name(Duration::from_millis(ms)), name, "{ms}");
         }
     }
 
     #[test]
     fn names_follow_the_prefix() {
-        let t = Topology::new(&AmqpSettings::default(), &RetrySettings::default());
+        let policy = Policy::new(&crate::config::RetrySettings::default());
+        let t = Topology::new(&AmqpSettings::default(), &policy);
         assert_eq!(
             t.queues(),
             [

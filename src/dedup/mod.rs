@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use lru::LruCache;
+use prometheus_client::metrics::counter::Counter;
 use tokio_util::sync::CancellationToken;
 
 pub use store::{Claim, Error, Store};
@@ -125,12 +126,13 @@ pub struct Dedup {
 }
 
 impl Dedup {
-    pub fn open(settings: &DedupSettings) -> Self {
+    /// `commits` counts the store's transactions (`hookq_dedup_commits_total`).
+    pub fn open(settings: &DedupSettings, commits: Counter) -> Self {
         let cap = NonZeroUsize::new(settings.lru_capacity).unwrap_or(NonZeroUsize::MIN);
         Self {
             lru: Mutex::new(LruCache::new(cap)),
-            store: Store::open(&settings.path, Duration::from_millis(settings.lease_ms)),
-            retention: Duration::from_millis(settings.retention_ms),
+            store: Store::open(&settings.path, settings.lease, commits),
+            retention: settings.retention,
         }
     }
 
@@ -237,11 +239,12 @@ mod tests {
     use super::*;
 
     fn dedup(dir: &std::path::Path, retention_ms: u64) -> Dedup {
-        Dedup::open(&DedupSettings {
+        let settings = DedupSettings {
             path: dir.join("d.db"),
-            retention_ms,
+            retention: std::time::Duration::from_millis(retention_ms),
             ..Default::default()
-        })
+        };
+        Dedup::open(&settings, Counter::default())
     }
 
     fn tier(c: &Check<'_>) -> Option<Tier> {

@@ -24,6 +24,8 @@ pub enum Error {
     MethodNotAllowed,
     #[error("body larger than ingress.max_body_bytes")]
     TooLarge,
+    #[error("request headers larger than 64 KiB")]
+    HeadersTooLarge,
     #[error("too many requests in flight")]
     Overloaded,
     #[error("the broker did not take the message: {0}")]
@@ -40,6 +42,7 @@ impl Error {
             Self::UnknownSource => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Self::Overloaded | Self::Broker(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -52,6 +55,7 @@ impl Error {
             Self::UnknownSource => "unknown_source",
             Self::MethodNotAllowed => "method_not_allowed",
             Self::TooLarge => "payload_too_large",
+            Self::HeadersTooLarge => "headers_too_large",
             Self::Overloaded => "overloaded",
             Self::Broker(_) => "broker_unavailable",
             Self::Internal => "internal_error",

@@ -9,7 +9,7 @@ pub mod error;
 pub mod key;
 pub mod verify;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -24,9 +24,9 @@ use tokio::sync::Semaphore;
 pub use error::Error;
 
 use crate::broker::Broker;
-use crate::config::{Settings, SourceSettings, valid_source_name};
+use crate::config::{self, IngressSettings, SourceSettings, valid_source_name};
+use crate::events::Events;
 use crate::message::{Envelope, forwardable_headers};
-use crate::metrics::{Metrics, RequestLabels};
 use verify::Verifier;
 
 /// A client has this long to send its whole body.
@@ -37,67 +37,72 @@ struct Source {
     verifier: Verifier,
 }
 
+/// The sources' verifiers, built once; a bad secret or header is a
+/// configuration error naming the source (main checks this for every command).
+pub fn check_sources(sources: &BTreeMap<String, SourceSettings>) -> Result<(), config::Error> {
+    for (name, s) in sources {
+        Verifier::for_source(name, s)?;
+    }
+    Ok(())
+}
+
 /// What every request handler needs, built once at start-up.
 pub struct App {
     broker: Broker,
     sources: HashMap<String, Source>,
     allow_unknown: bool,
-    unknown: SourceSettings,
-    unknown_verifier: Verifier,
+    unknown: Source,
     max_body: usize,
     publish_timeout: Duration,
     in_flight: Semaphore,
-    metrics: Arc<Metrics>,
+    events: Events,
 }
 
 impl App {
     pub fn new(
-        settings: &Settings,
+        ingress: &IngressSettings,
+        sources: &BTreeMap<String, SourceSettings>,
         broker: Broker,
-        metrics: Arc<Metrics>,
-    ) -> anyhow::Result<Arc<Self>> {
-        let mut sources = HashMap::new();
-        for (name, s) in &settings.sources {
-            sources.insert(
-                name.clone(),
-                Source {
-                    settings: s.clone(),
-                    verifier: s.verifier(name)?,
-                },
-            );
+        events: Events,
+    ) -> Result<Arc<Self>, config::Error> {
+        let mut built = HashMap::new();
+        for (name, s) in sources {
+            let source = Source {
+                settings: s.clone(),
+                verifier: Verifier::for_source(name, s)?,
+            };
+            built.insert(name.clone(), source);
         }
         let unknown = SourceSettings::default();
         Ok(Arc::new(Self {
             broker,
-            sources,
-            allow_unknown: settings.ingress.allow_unknown_sources,
-            unknown_verifier: unknown.verifier("unknown")?,
-            unknown,
-            max_body: settings.ingress.max_body_bytes,
-            publish_timeout: settings.ingress.publish_timeout(),
-            in_flight: Semaphore::new(settings.ingress.max_in_flight),
-            metrics,
+            sources: built,
+            allow_unknown: ingress.allow_unknown_sources,
+            unknown: Source {
+                verifier: Verifier::for_source("unknown", &unknown)?,
+                settings: unknown,
+            },
+            max_body: ingress.max_body_bytes,
+            publish_timeout: ingress.publish_timeout,
+            in_flight: Semaphore::new(ingress.max_in_flight),
+            events,
         }))
     }
 
     pub fn is_ready(&self) -> bool {
         self.broker.is_ready()
     }
-
-    pub fn reconnects(&self) -> u64 {
-        self.broker.reconnects()
-    }
 }
 
 pub fn router(app: Arc<App>) -> Router {
-    let metrics = app.metrics.clone();
+    let events = app.events.clone();
     Router::new()
         .route(
             "/hooks/{source}",
             post(receive).fallback(method_not_allowed),
         )
         .with_state(app)
-        .layer(catch_panics(metrics))
+        .layer(catch_panics(events))
 }
 
 /// The second line of defence: nothing a request carries should panic (the
@@ -105,7 +110,7 @@ pub fn router(app: Arc<App>) -> Router {
 /// gets a 500 with a JSON code instead of a reset connection, and the panic is
 /// logged and counted (`hookq_ingress_panics_total`).
 pub fn catch_panics(
-    metrics: Arc<Metrics>,
+    events: Events,
 ) -> tower_http::catch_panic::CatchPanicLayer<
     impl Fn(Box<dyn std::any::Any + Send>) -> Response + Clone,
 > {
@@ -115,7 +120,7 @@ pub fn catch_panics(
             .map(|s| s.to_string())
             .or_else(|| panic.downcast_ref::<String>().cloned())
             .unwrap_or_else(|| "a panic without a message".into());
-        metrics.ingress_panics.inc();
+        events.panicked();
         tracing::error!(panic = %what, "a request handler panicked; answering 500 (this is a bug, please report it)");
         Error::Internal.into_response()
     })
@@ -130,22 +135,10 @@ async fn receive(
     Path(source): Path<String>,
     req: Request,
 ) -> Response {
-    let result = accept(&app, &source, req).await;
-    let (status, code) = match &result {
-        Ok(_) => (StatusCode::ACCEPTED, ""),
-        Err(e) => (e.status(), e.code()),
-    };
-    app.metrics
-        .requests
-        .get_or_create(&RequestLabels {
-            source: app.metrics.source_label(&source).to_string(),
-            status: status.as_u16(),
-            code: code.into(),
-        })
-        .inc();
-    match result {
+    match accept(&app, &source, req).await {
         Ok(r) => r,
         Err(e) => {
+            app.events.refused(&source, e.status().as_u16(), e.code());
             e.log(&source);
             e.into_response()
         }
@@ -154,14 +147,23 @@ async fn receive(
 
 async fn accept(app: &App, source: &str, req: Request) -> Result<Response, Error> {
     let _permit = app.in_flight.try_acquire().map_err(|_| Error::Overloaded)?;
-    let (settings, verifier) = match app.sources.get(source) {
-        Some(s) => (&s.settings, &s.verifier),
-        None if app.allow_unknown && valid_source_name(source) => {
-            (&app.unknown, &app.unknown_verifier)
-        }
+    let Source { settings, verifier } = match app.sources.get(source) {
+        Some(s) => s,
+        None if app.allow_unknown && valid_source_name(source) => &app.unknown,
         None => return Err(Error::UnknownSource),
     };
     let (parts, body) = req.into_parts();
+    // hyper's buffer limit is soft (a request that arrives in one read may pass
+    // it); this one is not, and it keeps every message's AMQP header frame
+    // well inside the broker's frame size.
+    let header_bytes: usize = parts
+        .headers
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len() + 4)
+        .sum();
+    if header_bytes > crate::http::MAX_HEADER_BYTES {
+        return Err(Error::HeadersTooLarge);
+    }
     let body = read_body(body, &parts.headers, app.max_body).await?;
     verifier
         .verify(&parts.headers, &body, SystemTime::now())
@@ -181,9 +183,7 @@ async fn accept(app: &App, source: &str, req: Request) -> Result<Response, Error
         .publish_webhook(&env, app.publish_timeout)
         .await
         .map_err(Error::Broker)?;
-    app.metrics
-        .publish_seconds
-        .observe(started.elapsed().as_secs_f64());
+    app.events.accepted(&env, started.elapsed());
     tracing::debug!(message_id = %env.message_id, key = %env.key, source, "accepted");
     Ok((
         StatusCode::ACCEPTED,

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use hookq::serve::Parts;
-use tokio::process::{Child, Command};
+use hookq::system::Parts;
+use tokio::process::Child;
 use tokio::sync::Semaphore;
 
 use crate::support::{Client, FakeTarget, TestEnv, wait_until};
@@ -68,13 +68,9 @@ async fn concurrent_copies_through_the_ingress_are_delivered_once() {
 }
 
 fn worker_process(env: &TestEnv) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_hookq"))
-        .arg("worker")
-        .envs(env.child_env())
-        .env("HOOKQ_LOG", "warn")
+    env.command(&["worker"], "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
-        .kill_on_drop(true)
         .spawn()
         .expect("spawn hookq worker")
 }
@@ -184,7 +180,7 @@ fn stored_keys(path: &std::path::Path) -> i64 {
 async fn retention_pruning_forgets_old_keys() {
     let target = FakeTarget::ok().await;
     let mut env = TestEnv::new("prune").with_target(&target.url);
-    env.settings.dedup.retention_ms = 400;
+    env.settings.dedup.retention = Duration::from_millis(400);
     let up = env.up().await;
     let c = Client::new(up.ingress_addr.unwrap());
     c.send("s", "old", "{}").await;
@@ -203,7 +199,7 @@ async fn an_unwritable_store_holds_messages_then_recovers_without_loss_or_doubli
     let mut env = TestEnv::new("rostore").with_target(&target.url);
     // A regular file where the store's directory should be: SQLite cannot
     // create or write the database (root ignores file modes, so a chmod would not do).
-    let blocker = env.dir.path().join("blocked");
+    let blocker = env.dir().join("blocked");
     std::fs::write(&blocker, b"not a directory").unwrap();
     env.settings.dedup.path = blocker.join("dedup.db");
     let running = env.start(Parts::Up).await;
@@ -223,10 +219,15 @@ async fn an_unwritable_store_holds_messages_then_recovers_without_loss_or_doubli
         c.get("/readyz").await.status() == 503
     })
     .await;
-    // Held, not delivered: delivering without a claim could double it.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Held, not delivered: delivering without a claim could double it. The
+    // worker has taken all four (none is ready in the queue) and the target
+    // has seen none.
+    wait_until(T, "the worker holding every message", || async {
+        env.queue_len(&env.topology().work()).await == 0
+    })
+    .await;
     assert_eq!(
-        target.count(),
+        target.started(),
         0,
         "nothing is delivered while the store cannot be written"
     );
@@ -276,7 +277,7 @@ async fn a_dropped_connection_with_deliveries_in_flight_does_not_deliver_twice()
     })
     .await;
     let mut env = TestEnv::new("dropconn").with_target(&target.url);
-    env.settings.worker.timeout_ms = 15_000;
+    env.settings.worker.timeout = Duration::from_millis(15_000);
     let ingress = env.start(Parts::Ingress).await;
     let c = Client::new(ingress.ingress_addr.unwrap());
     wait_until(T, "ingress ready", || async {

@@ -99,11 +99,13 @@ async fn a_panicking_handler_answers_500_and_is_counted() {
                 "unreachable"
             }),
         )
-        .layer(hookq::ingress::catch_panics(metrics.clone()));
+        .layer(hookq::ingress::catch_panics(hookq::events::Events::new(
+            metrics.clone(),
+        )));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let stop = tokio_util::sync::CancellationToken::new();
-    let server = tokio::spawn(hookq::http_server::serve(listener, router, stop.clone()));
+    let server = tokio::spawn(hookq::http::serve(listener, router, stop.clone()));
     let http = reqwest::Client::new();
     for n in 1..=2 {
         let r = http
@@ -157,8 +159,8 @@ async fn a_retry_after_in_the_year_9999_is_clamped_and_counts() {
     let mut env = TestEnv::new("ra9999").with_target(&target.url);
     env.settings.retry.max_attempts = 3;
     env.settings.retry.inline_attempts = 1;
-    env.settings.retry.delays_ms = vec![100];
-    env.settings.retry.max_delay_ms = 300;
+    env.settings.retry.delays = [100].map(Duration::from_millis).to_vec();
+    env.settings.retry.max_delay = Duration::from_millis(300);
     let up = env.up().await;
     let key = Client::new(up.ingress_addr.unwrap())
         .send("s", "far", "{}")
@@ -184,7 +186,7 @@ async fn a_retry_after_in_the_year_9999_is_clamped_and_counts() {
 async fn a_not_before_in_the_far_future_is_clamped() {
     let target = FakeTarget::ok().await;
     let mut env = TestEnv::new("nb9999").with_target(&target.url);
-    env.settings.retry.max_delay_ms = 300;
+    env.settings.retry.max_delay = Duration::from_millis(300);
     let _up = env.up().await;
     // A message as a hand (or a bug) might leave it: not before the year 9999.
     let mut msg = hookq::message::Envelope::received(
@@ -245,10 +247,11 @@ async fn a_republish_that_keeps_failing_ends_in_the_dead_queue(q: hookq::config:
     env.settings.amqp.delivery_limit = 3;
     env.settings.retry.max_attempts = 100;
     env.settings.retry.inline_attempts = 1;
-    env.settings.retry.delays_ms = vec![100];
+    env.settings.retry.delays = [100].map(Duration::from_millis).to_vec();
     let up = env.up().await;
     env.broker().await; // declares the topology now, not after the delete
-    env.delete_queue(&env.topology().tiers[0].queue).await;
+    let topo = env.topology();
+    env.delete_queue(&topo.delay(topo.tiers[0])).await;
     let key = Client::new(up.ingress_addr.unwrap())
         .send("s", "loop", "{}")
         .await;

@@ -9,7 +9,7 @@ use std::time::Duration;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 
 use crate::support::{Client, FakeTarget, TestEnv, wait_until};
 
@@ -24,13 +24,10 @@ struct UpProcess {
 }
 
 async fn spawn_up(env: &TestEnv) -> UpProcess {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_hookq"))
-        .args(["up", "--log-format", "json"])
-        .envs(env.child_env())
-        .env("HOOKQ_LOG", "info")
+    let mut child = env
+        .command(&["up", "--log-format", "json"], "info")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
-        .kill_on_drop(true)
         .spawn()
         .expect("spawn hookq up");
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
@@ -247,8 +244,8 @@ async fn metrics_parse_and_count_what_was_sent() {
     assert_eq!(m["hookq_ingress_publish_seconds_count"], 8.0);
     assert_eq!(m["hookq_worker_delivery_seconds_count"], 7.0);
     assert_eq!(m["hookq_worker_in_flight"], 0.0);
-    assert!(m["hookq_dedup_commits"] >= 1.0);
-    assert_eq!(m["hookq_broker_reconnects"], 0.0);
+    assert!(m["hookq_dedup_commits_total"] >= 1.0);
+    assert_eq!(m["hookq_broker_reconnects_total"], 0.0);
 }
 
 /// Deliveries still running when the grace period ends finish within their
@@ -261,10 +258,9 @@ async fn a_2xx_after_the_grace_period_is_recorded_not_handed_back() {
     })
     .await;
     let mut env = TestEnv::new("lategrace").with_target(&target.url);
-    env.settings.worker.grace_ms = 200;
-    env.settings.worker.timeout_ms = 10_000;
-    let stop = tokio_util::sync::CancellationToken::new();
-    let up = env.start_with(hookq::serve::Parts::Up, stop.clone()).await;
+    env.settings.worker.grace = Duration::from_millis(200);
+    env.settings.worker.timeout = Duration::from_millis(10_000);
+    let up = env.start(hookq::system::Parts::Up).await;
     let c = Client::new(up.ingress_addr.unwrap());
     wait_until(T, "ready", || async {
         c.get("/readyz").await.status() == 200
@@ -277,15 +273,76 @@ async fn a_2xx_after_the_grace_period_is_recorded_not_handed_back() {
         target.started() == 8
     })
     .await;
-    stop.cancel();
-    tokio::time::timeout(T, up.task)
+    tokio::time::timeout(T, up.shutdown())
         .await
         .expect("stops")
-        .unwrap()
         .unwrap();
     assert_eq!(target.count(), 8, "every delivery under way got its answer");
     let ok = target.successes();
     assert!(ok.values().all(|n| *n == 1) && ok.len() == 8, "{ok:?}");
     // Recorded and acked: nothing was handed back for a second delivery.
     assert_eq!(env.queue_len(&env.topology().work()).await, 0);
+}
+
+/// This process's threads now.
+fn threads() -> usize {
+    std::fs::read_dir("/proc/self/task").map_or(0, |d| d.count())
+}
+
+/// Broker connections whose name carries this test's prefix.
+fn broker_connections(env: &TestEnv) -> usize {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args(["-q", "list_connections", "client_properties"])
+        .output()
+        .expect("rabbitmqctl");
+    let mine = format!("[{}]", env.prefix);
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains(&mine))
+        .count()
+}
+
+/// `hookq up` started and shut down again and again in one process: each
+/// shutdown closes what its start opened, so neither the broker's connections
+/// nor this process's threads grow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starting_and_shutting_down_again_and_again_leaks_nothing() {
+    let env = TestEnv::new("cycles");
+    env.broker().await; // the harness's own connection, open throughout
+    let mut after = Vec::new();
+    for i in 0..4 {
+        let up = env.up().await;
+        let mut events = up.subscribe();
+        Client::new(up.ingress_addr.unwrap())
+            .send("s", &format!("cycle-{i}"), "{}")
+            .await;
+        crate::support::settled(&mut events, T, 1, |o| {
+            matches!(o, hookq::events::Outcome::Delivered { .. })
+        })
+        .await;
+        assert_eq!(
+            broker_connections(&env),
+            3,
+            "ingress, worker and the harness"
+        );
+        up.shutdown().await.unwrap();
+        // Closing is awaited, so the broker has let go by now.
+        assert_eq!(
+            broker_connections(&env),
+            1,
+            "only the harness's, after cycle {i}"
+        );
+        // The store thread ends when its last handle goes; give it a moment.
+        let deadline = std::time::Instant::now() + T;
+        let mut n = threads();
+        while i > 0 && n > after[0] && std::time::Instant::now() < deadline {
+            tokio::task::yield_now().await;
+            n = threads();
+        }
+        after.push(n);
+    }
+    assert!(
+        after.iter().all(|n| *n <= after[0]),
+        "threads after each cycle: {after:?}"
+    );
 }

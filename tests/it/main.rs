@@ -12,3 +12,4 @@ mod operate;
 mod pipeline;
 mod security;
 mod shovel;
+mod step;

@@ -1,38 +1,27 @@
 //! Running hookq for real: `hookq simulate` and `hookq bench` as an operator
 //! runs them, the real binary against the real broker, reading their `--json`.
 
-use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Output, Stdio};
+use std::time::Duration;
 
 use serde_json::Value;
 
 use crate::support::TestEnv;
 
-/// Runs the hookq binary with `env` and waits for it, killing it after `within`.
-fn hookq(args: &[&str], env: &[(String, String)], within: Duration) -> Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_hookq"))
-        .args(args)
-        .envs(env.iter().map(|(k, v)| (k, v)))
+/// Runs the hookq binary on `env`'s settings and waits for it; killed (and the
+/// test failed) after `within`.
+async fn hookq(args: &[&str], env: &TestEnv, within: Duration) -> Output {
+    let child = env
+        .command(args, "warn")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("start hookq");
-    let deadline = Instant::now() + within;
-    loop {
-        if child.try_wait().expect("wait for hookq").is_some() {
-            return child.wait_with_output().expect("hookq output");
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let out = child.wait_with_output().expect("hookq output");
-            panic!(
-                "hookq {args:?} did not finish within {within:?}; stderr: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    tokio::time::timeout(within, child.wait_with_output())
+        .await
+        .unwrap_or_else(|_| panic!("hookq {args:?} did not finish within {within:?}"))
+        .expect("hookq output")
 }
 
 fn json_of(out: &Output) -> Value {
@@ -56,8 +45,8 @@ fn num(v: &Value, field: &str) -> f64 {
         .unwrap_or_else(|| panic!("{field} missing or not a number in {v}"))
 }
 
-#[test]
-fn simulate_json_outcomes_add_up() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simulate_json_outcomes_add_up() {
     let env = TestEnv::new("simulate");
     let out = hookq(
         &[
@@ -70,9 +59,10 @@ fn simulate_json_outcomes_add_up() {
             "3",
             "--json",
         ],
-        &env.child_env(),
+        &env,
         Duration::from_secs(60),
-    );
+    )
+    .await;
     let r = json_of(&out);
     let (total, ok, dead) = (num(&r, "total"), num(&r, "successful"), num(&r, "failed"));
     assert_eq!(total, 30.0, "{r}");
@@ -107,14 +97,13 @@ fn simulate_json_outcomes_add_up() {
         (num(&r, "average_attempts") - attempts / total).abs() < 1e-9,
         "{r}"
     );
-    assert!(
-        num(&r, "average_ms") >= 0.0 && num(&r, "p99_ms") >= 0.0,
-        "{r}"
-    );
+    // Every webhook took some time to settle, and the slowest no less than the mean.
+    assert!(num(&r, "average_ms") > 0.0, "{r}");
+    assert!(num(&r, "p99_ms") >= num(&r, "average_ms"), "{r}");
 }
 
-#[test]
-fn simulate_counts_timeouts_as_failed_attempts() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simulate_counts_timeouts_as_failed_attempts() {
     let env = TestEnv::new("simtimeout");
     let out = hookq(
         &[
@@ -129,9 +118,10 @@ fn simulate_counts_timeouts_as_failed_attempts() {
             "2",
             "--json",
         ],
-        &env.child_env(),
+        &env,
         Duration::from_secs(60),
-    );
+    )
+    .await;
     let r = json_of(&out);
     // Every attempt times out: everything ends in P.dead after exactly 2 attempts.
     assert_eq!(num(&r, "successful"), 0.0, "{r}");
@@ -140,9 +130,9 @@ fn simulate_counts_timeouts_as_failed_attempts() {
     assert_eq!(num(&r, "theoretical_success_rate"), 0.0, "{r}");
 }
 
-#[test]
-fn simulate_and_bench_refuse_bad_arguments_with_exit_2() {
-    let env = TestEnv::new("badargs").child_env();
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simulate_and_bench_refuse_bad_arguments_with_exit_2() {
+    let env = TestEnv::new("badargs");
     for (args, flag) in [
         (&["simulate", "--failure-rate", "1.5"][..], "--failure-rate"),
         (&["simulate", "--timeout-rate=-0.1"][..], "--timeout-rate"),
@@ -151,7 +141,7 @@ fn simulate_and_bench_refuse_bad_arguments_with_exit_2() {
         (&["bench", "--messages", "0"][..], "--messages"),
         (&["bench", "--connections", "0"][..], "--connections"),
     ] {
-        let out = hookq(args, &env, Duration::from_secs(20));
+        let out = hookq(args, &env, Duration::from_secs(20)).await;
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
         assert!(
@@ -161,16 +151,13 @@ fn simulate_and_bench_refuse_bad_arguments_with_exit_2() {
     }
 }
 
-#[test]
-fn simulate_without_a_broker_exits_1_saying_how_to_start_it() {
-    let mut env = TestEnv::new("nobroker").child_env();
-    env.retain(|(k, _)| k != "HOOKQ__AMQP__URL");
-    env.push((
-        "HOOKQ__AMQP__URL".into(),
-        "amqp://guest:guest@127.0.0.1:1/%2f".into(),
-    ));
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simulate_without_a_broker_exits_1_saying_how_to_start_it() {
+    let mut env = TestEnv::new("nobroker");
+    env.settings.amqp.urls =
+        vec![hookq::config::AmqpUrl::parse("amqp://guest:guest@127.0.0.1:1/%2f").unwrap()];
     for cmd in ["simulate", "bench"] {
-        let out = hookq(&[cmd, "--json"], &env, Duration::from_secs(30));
+        let out = hookq(&[cmd, "--json"], &env, Duration::from_secs(30)).await;
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{cmd}: {stderr}");
         assert!(stderr.contains("start RabbitMQ"), "{cmd}: {stderr}");
@@ -181,10 +168,9 @@ fn simulate_without_a_broker_exits_1_saying_how_to_start_it() {
     }
 }
 
-#[test]
-fn bench_json_has_every_figure() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_json_has_every_figure() {
     let env = TestEnv::new("bench");
-    let started = Instant::now();
     let out = hookq(
         &[
             "bench",
@@ -196,9 +182,10 @@ fn bench_json_has_every_figure() {
             "5000",
             "--json",
         ],
-        &env.child_env(),
+        &env,
         Duration::from_secs(60),
-    );
+    )
+    .await;
     let r = json_of(&out);
     for rate in [
         "raw_publish_per_s",
@@ -227,13 +214,10 @@ fn bench_json_has_every_figure() {
             "{rounds}: {r}"
         );
     }
-    for latency in [
-        "ingress_p50_ms",
-        "ingress_p99_ms",
-        "e2e_p50_ms",
-        "e2e_p99_ms",
-    ] {
-        assert!(num(&r, latency) >= 0.0, "{latency}: {r}");
+    // A request takes time; a delivery may beat the 202 back to the client
+    // (counted as 0 from the 202), never the POST.
+    for latency in ["ingress_p50_ms", "e2e_from_post_p50_ms"] {
+        assert!(num(&r, latency) > 0.0, "{latency}: {r}");
     }
     assert!(
         num(&r, "ingress_p50_ms") <= num(&r, "ingress_p99_ms"),
@@ -251,9 +235,4 @@ fn bench_json_has_every_figure() {
     for g in goals {
         assert!(g["met"].is_boolean() && g["value"].is_number(), "{g}");
     }
-    assert!(
-        started.elapsed() < Duration::from_secs(30),
-        "a 500-message bench took {:?}",
-        started.elapsed()
-    );
 }

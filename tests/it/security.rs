@@ -33,14 +33,13 @@ fn now() -> u64 {
 fn source(verify: SchemeKind) -> SourceSettings {
     SourceSettings {
         verify,
-        secret: Some(
+        secret: Some(hookq::config::Secret::new(
             if verify == SchemeKind::Standard {
                 WHSEC
             } else {
                 SECRET
-            }
-            .into(),
-        ),
+            },
+        )),
         signature_header: (verify == SchemeKind::HmacSha256).then(|| "x-signature".into()),
         ..Default::default()
     }
@@ -317,25 +316,29 @@ async fn malformed_requests_leave_the_ingress_serving() {
             raw(addr, &req).await
         }));
     }
-    for t in tasks {
+    for (i, t) in tasks.into_iter().enumerate() {
         let answer = t.await.unwrap();
+        // Refused with a status, never accepted. A header block past the 64 KiB
+        // limit is the one case the server may cut short: it stops reading
+        // and closes, and the unread bytes make the kernel reset the connection,
+        // so its 431 may not reach the client.
+        let cut_short_allowed = i % 5 == 1 && answer.is_empty();
         assert!(
-            !answer.starts_with("HTTP/1.1 2"),
-            "a malformed request was accepted: {answer}"
+            answer.starts_with("HTTP/1.1 4") || cut_short_allowed,
+            "malformed request {i} (kind {}) got: {answer:?}",
+            i % 5
         );
     }
 
-    // A valid signed request is served normally, and fast, meanwhile.
+    // A valid signed request is served normally meanwhile: well before the
+    // slow clients' 10 s header timeout frees anything they might hold.
     let c = Client::new(addr);
     let body = r#"{"ok":true}"#;
     let sig = format!("sha256={}", hmac_hex(SECRET.as_bytes(), body.as_bytes()));
     let started = Instant::now();
     expect(&c, "gh", &[("x-hub-signature-256", &sig)], body, 202, "").await;
-    assert!(
-        started.elapsed() < Duration::from_secs(2),
-        "took {:?}",
-        started.elapsed()
-    );
+    let took = started.elapsed();
+    assert!(took < hookq::http::HEADER_READ_TIMEOUT / 2, "took {took:?}");
 
     // The slow clients are cut off by the header read timeout.
     for s in slow {

@@ -12,12 +12,10 @@ use axum::response::IntoResponse;
 use futures::StreamExt;
 use hookq::broker::Broker;
 use hookq::config::QueueType;
-use hookq::dlq::Row;
 use hookq::message::{DeadInfo, DeadReason, DedupKey, Envelope};
-use hookq::serve::{Parts, Running};
-use hookq::shovel::{Event, Filter, Options, Summary, shovel};
-use tokio::process::Command;
-use tokio_util::sync::CancellationToken;
+use hookq::system::System;
+use hookq::tools::dead_letters::Row;
+use hookq::tools::shovel::{Event, Filter, Options, Summary, shovel};
 
 use crate::support::{Client, FakeTarget, TestEnv, wait_until};
 
@@ -44,8 +42,7 @@ struct Fixture {
     /// The dead letters, in P.dead's order.
     dead: Vec<Envelope>,
     broker: Broker,
-    stop: CancellationToken,
-    running: Option<Running>,
+    running: Option<System>,
 }
 
 impl Fixture {
@@ -68,8 +65,7 @@ impl Fixture {
             .with_target(&target.url);
         env.settings.retry.max_attempts = 2;
         env.settings.retry.inline_attempts = 1;
-        let stop = CancellationToken::new();
-        let running = up(&env, &stop).await;
+        let running = env.up().await;
         let c = Client::new(running.ingress_addr.unwrap());
         for (source, id) in SENT {
             c.send(source, id, &format!(r#"{{"id":"{id}"}}"#)).await;
@@ -87,7 +83,6 @@ impl Fixture {
             healed,
             dead,
             broker,
-            stop,
             running: Some(running),
         }
     }
@@ -98,9 +93,8 @@ impl Fixture {
 
     /// Stops the worker (and ingress), so that P.work keeps what arrives.
     async fn stop(&mut self) {
-        self.stop.cancel();
         if let Some(r) = self.running.take() {
-            let _ = r.task.await;
+            r.shutdown().await.unwrap();
         }
     }
 
@@ -126,25 +120,6 @@ impl Fixture {
         let e = self.dead.iter().find(|e| e.key.0 == key).unwrap();
         e.dead.as_ref().unwrap().reason
     }
-}
-
-impl Drop for Fixture {
-    fn drop(&mut self) {
-        self.stop.cancel();
-    }
-}
-
-/// `hookq up` in this process with a stop token of its own, once ready.
-async fn up(env: &TestEnv, stop: &CancellationToken) -> Running {
-    let r = env.start_with(Parts::Up, stop.clone()).await;
-    let url = format!("http://{}/readyz", r.ingress_addr.unwrap());
-    wait_until(T, "readyz", || async {
-        reqwest::get(&url)
-            .await
-            .is_ok_and(|r| r.status() == StatusCode::OK)
-    })
-    .await;
-    r
 }
 
 /// Waits until P.dead has `n` messages ready. A quorum queue puts back what a
@@ -182,13 +157,8 @@ fn pair(source: &str, reason: &str, n: u64) -> ((String, String), u64) {
 
 /// The `hookq` binary with this test's settings, run to its end.
 async fn hookq(env: &TestEnv, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_hookq"))
-        .args(args)
-        .envs(env.child_env())
-        .env("HOOKQ_LOG", "warn")
-        .current_dir(env.dir.path())
+    env.command(args, "warn")
         .stdin(Stdio::null())
-        .kill_on_drop(true)
         .output()
         .await
         .expect("run hookq")
@@ -306,8 +276,7 @@ async fn limit_moves_the_first_ones_as_fresh_work_with_their_history() {
 
     // Delivered once each, as attempt 1.
     f.heal();
-    f.stop = CancellationToken::new();
-    f.running = Some(up(&f.env, &f.stop).await);
+    f.running = Some(f.env.up().await);
     wait_until(T, "both moved keys delivered", || async {
         f.target.successes().len() == 2
     })
@@ -516,14 +485,10 @@ async fn a_killed_shovel_loses_nothing_and_a_rerun_finishes() {
     let originals = publish_dead_letters(&broker, N).await;
     assert_eq!(broker.queue_len(&dead).await.unwrap() as usize, N);
 
-    let mut child = Command::new(env!("CARGO_BIN_EXE_hookq"))
-        .arg("shovel")
-        .envs(env.child_env())
-        .env("HOOKQ_LOG", "warn")
-        .current_dir(env.dir.path())
+    let mut child = env
+        .command(&["shovel"], "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
-        .kill_on_drop(true)
         .spawn()
         .expect("spawn hookq shovel");
     wait_until(T, "some dead letters moved", || async {
@@ -576,14 +541,10 @@ async fn a_refused_move_stops_the_run_and_a_rerun_finishes() {
     let broker = env.broker().await;
     let (dead, work) = (env.topology().dead(), env.topology().work());
     publish_dead_letters(&broker, N).await;
-    let child = Command::new(env!("CARGO_BIN_EXE_hookq"))
-        .arg("shovel")
-        .envs(env.child_env())
-        .env("HOOKQ_LOG", "warn")
-        .current_dir(env.dir.path())
+    let child = env
+        .command(&["shovel"], "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .kill_on_drop(true)
         .spawn()
         .expect("spawn hookq shovel");
     wait_until(T, "some dead letters moved", || async {
@@ -644,7 +605,9 @@ async fn a_foreign_message_in_the_dead_queue_is_listed_and_never_moved() {
     let _ = conn.close(200, "bye".into()).await;
     publish_dead_letters(&broker, 1).await;
 
-    let rows = hookq::dlq::rows(&broker, None).await.unwrap();
+    let rows = hookq::tools::dead_letters::rows(&broker, None)
+        .await
+        .unwrap();
     settled(&broker, 2).await;
     assert_eq!(rows.len(), 2);
     assert_eq!(rows[0].message_id, "foreign-1");
@@ -655,7 +618,9 @@ async fn a_foreign_message_in_the_dead_queue_is_listed_and_never_moved() {
     let s = run_shovel(&broker, Filter::default(), None).await;
     assert_eq!((s.moved.total(), s.kept, s.skipped), (1, 1, 1));
     settled(&broker, 1).await;
-    let left = hookq::dlq::rows(&broker, None).await.unwrap();
+    let left = hookq::tools::dead_letters::rows(&broker, None)
+        .await
+        .unwrap();
     assert_eq!(left.len(), 1);
     assert_eq!(left[0].message_id, "foreign-1");
 }
@@ -665,7 +630,8 @@ async fn a_foreign_message_in_the_dead_queue_is_listed_and_never_moved() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_reason_exits_2_and_unreachable_broker_exits_1() {
     let mut env = TestEnv::new("usage");
-    env.settings.amqp.url = "amqp://guest:guest@127.0.0.1:1/%2f".into();
+    env.settings.amqp.urls =
+        vec![hookq::config::AmqpUrl::parse("amqp://guest:guest@127.0.0.1:1/%2f").unwrap()];
     let out = hookq(&env, &["shovel", "--reason", "timeout"]).await;
     assert_eq!(out.status.code(), Some(2));
     assert!(
@@ -740,10 +706,11 @@ async fn the_management_ui_shows_every_queue_with_its_arguments() {
     assert_eq!(work["x-delivery-limit"], 20);
     assert_eq!(work["x-dead-letter-strategy"], "at-least-once");
     assert_eq!(work["x-overflow"], "reject-publish");
-    for tier in &topo.tiers {
-        let a = &shown[&tier.queue];
-        assert_eq!(a["x-queue-type"], "quorum", "{}", tier.queue);
-        assert_eq!(a["x-message-ttl"], tier.delay.as_millis() as u64);
+    for &tier in &topo.tiers {
+        let queue = topo.delay(tier);
+        let a = &shown[&queue];
+        assert_eq!(a["x-queue-type"], "quorum", "{queue}");
+        assert_eq!(a["x-message-ttl"], tier.0.as_millis() as u64);
         assert_eq!(a["x-dead-letter-exchange"], "");
         assert_eq!(a["x-dead-letter-routing-key"], topo.work());
         assert_eq!(a["x-dead-letter-strategy"], "at-least-once");
@@ -813,14 +780,20 @@ async fn reading_dead_letters_again_and_again_keeps_every_one_in_order() {
     let env = TestEnv::new("reread");
     let broker = env.broker().await;
     publish_dead_letters(&broker, 10).await;
-    let first = hookq::dlq::rows(&broker, None).await.unwrap();
+    let first = hookq::tools::dead_letters::rows(&broker, None)
+        .await
+        .unwrap();
     assert_eq!(first.len(), 10);
     for round in 0..25 {
         settled(&broker, 10).await;
         let again = if round % 2 == 0 {
-            hookq::dlq::rows(&broker, None).await.unwrap()
+            hookq::tools::dead_letters::rows(&broker, None)
+                .await
+                .unwrap()
         } else {
-            hookq::dlq::rows(&broker, Some(3)).await.unwrap()
+            hookq::tools::dead_letters::rows(&broker, Some(3))
+                .await
+                .unwrap()
         };
         let ids: Vec<_> = again.iter().map(|r| &r.message_id).collect();
         let want: Vec<_> = first

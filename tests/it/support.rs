@@ -1,6 +1,6 @@
-//! Test support: a [`TestEnv`] per test (unique amqp.prefix, temp dir, port-0
-//! listeners, its queues deleted on drop) and a scriptable [`FakeTarget`].
-#![allow(dead_code)]
+//! Test support: a [`TestEnv`] per test (the harness's sandbox with test
+//! settings, its queues deleted on drop), a scriptable [`FakeTarget`] and a
+//! [`Client`] for the ingress.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -10,11 +10,12 @@ use std::time::{Duration, Instant};
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use hookq::broker::{Broker, Topology};
-use hookq::config::{HandlerKind, QueueType, Settings};
+use hookq::broker::Broker;
+use hookq::config::{AmqpUrl, HandlerKind, QueueType, Settings, TargetUrl};
+use hookq::events::{Event, Outcome};
+use hookq::harness::{self, Sandbox};
 use hookq::message::Envelope;
-use hookq::serve::{self, Parts, Running};
-use tokio_util::sync::CancellationToken;
+use hookq::system::{Parts, System};
 
 /// Runs each named `async fn name(q: QueueType)` as two tests, one per queue type.
 #[allow(unused_macros)]
@@ -32,7 +33,8 @@ macro_rules! on_both_queue_types {
 
 pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
-/// Polls `cond` every 20 ms until it holds or `within` passes.
+/// Polls `cond` every 20 ms until it holds or `within` passes (for state
+/// outside hookq: a fake target's log, a queue's length, a file).
 pub async fn wait_until<F, Fut>(within: Duration, what: &str, mut cond: F)
 where
     F: FnMut() -> Fut,
@@ -51,18 +53,58 @@ where
     }
 }
 
+/// Waits until the system's events say `n` messages were settled with an
+/// outcome `pick` accepts.
+pub async fn settled(
+    events: &mut tokio::sync::broadcast::Receiver<Event>,
+    within: Duration,
+    n: usize,
+    mut pick: impl FnMut(&Outcome) -> bool,
+) {
+    let mut seen = 0;
+    if n == 0 {
+        return;
+    }
+    harness::wait_for(events, within, |e| {
+        if let Event::Settled { outcome, .. } = e
+            && pick(outcome)
+        {
+            seen += 1;
+        }
+        seen >= n
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{seen} of {n} settlements seen: {e}"));
+}
+
+/// A test's own hookq: the harness's [`Sandbox`] (unique prefix, own store and
+/// directory, port-0 listeners) with test settings: millisecond delay tiers, no
+/// jitter (so waits can be asserted), the log handler. Its queues are deleted
+/// when it drops.
 pub struct TestEnv {
+    /// Always `Some` until the env drops.
+    sandbox: Option<Sandbox>,
     pub prefix: String,
-    pub dir: tempfile::TempDir,
-    pub settings: Settings,
-    stops: Mutex<Vec<CancellationToken>>,
-    broker: tokio::sync::OnceCell<Broker>,
-    broker_stop: CancellationToken,
+}
+
+impl std::ops::Deref for TestEnv {
+    type Target = Sandbox;
+    fn deref(&self) -> &Sandbox {
+        self.sandbox.as_ref().expect("the sandbox lives until drop")
+    }
+}
+
+impl std::ops::DerefMut for TestEnv {
+    fn deref_mut(&mut self) -> &mut Sandbox {
+        self.sandbox.as_mut().expect("the sandbox lives until drop")
+    }
+}
+
+fn ms(v: u64) -> Duration {
+    Duration::from_millis(v)
 }
 
 impl TestEnv {
-    /// Settings for a test: its own prefix and dedup file, port 0, millisecond
-    /// delay tiers, no jitter (so waits can be asserted), log handler.
     pub fn new(name: &str) -> Self {
         // HOOKQ_LOG=debug shows what the parts in this process do (off by default).
         static LOGS: std::sync::Once = std::sync::Once::new();
@@ -74,35 +116,25 @@ impl TestEnv {
                 .with_test_writer()
                 .try_init();
         });
-        let prefix = format!(
-            "t.{name}.{}",
-            &uuid::Uuid::now_v7().simple().to_string()[20..]
-        );
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mut s = Settings::default();
-        s.amqp.url = AMQP_URL.into();
-        s.amqp.prefix = prefix.clone();
+        let mut base = Settings::default();
+        base.amqp.urls = vec![AmqpUrl::parse(AMQP_URL).unwrap()];
+        base.amqp.prefix = "t".into();
+        let mut sandbox = Sandbox::new(&base, name).expect("sandbox");
+        let s = &mut sandbox.settings;
         s.amqp.prefetch = 32;
-        s.ingress.listen = "127.0.0.1:0".parse().unwrap();
-        s.ingress.allow_unknown_sources = true;
-        s.ingress.publish_timeout_ms = 3000;
-        s.worker.metrics_listen = "127.0.0.1:0".parse().unwrap();
+        s.ingress.publish_timeout = ms(3000);
         s.worker.handler = HandlerKind::Log;
-        s.worker.timeout_ms = 2000;
-        s.retry.inline_delay_ms = 10;
-        s.retry.delays_ms = vec![100, 200, 400];
+        s.worker.timeout = ms(2000);
+        s.retry.inline_delay = ms(10);
+        s.retry.delays = [100, 200, 400].map(ms).to_vec();
         s.retry.jitter = 0.0;
-        s.dedup.path = dir.path().join("dedup.db");
         // Short enough that a killed worker's keys are taken over quickly, long
         // enough for a store thread on a busy 2-core machine to renew it.
-        s.dedup.lease_ms = 2000;
+        s.dedup.lease = ms(2000);
+        let prefix = s.amqp.prefix.clone();
         Self {
+            sandbox: Some(sandbox),
             prefix,
-            dir,
-            settings: s,
-            stops: Mutex::new(Vec::new()),
-            broker: tokio::sync::OnceCell::new(),
-            broker_stop: CancellationToken::new(),
         }
     }
 
@@ -113,61 +145,29 @@ impl TestEnv {
 
     pub fn with_target(mut self, url: &str) -> Self {
         self.settings.worker.handler = HandlerKind::Http;
-        self.settings.worker.target = Some(url.to_string());
+        self.settings.worker.target = Some(TargetUrl::parse(url).unwrap());
         self
     }
 
-    pub fn topology(&self) -> Topology {
-        Topology::new(&self.settings.amqp, &self.settings.retry)
-    }
-
     /// Starts parts of hookq in this process; stopped when the env drops.
-    pub async fn start(&self, parts: Parts) -> Running {
-        let stop = CancellationToken::new();
-        self.stops.lock().unwrap().push(stop.clone());
-        serve::start(&self.settings, parts, stop)
-            .await
-            .expect("start hookq")
-    }
-
-    /// Like [`TestEnv::start`], with the token to stop it by hand.
-    pub async fn start_with(&self, parts: Parts, stop: CancellationToken) -> Running {
-        serve::start(&self.settings, parts, stop)
-            .await
-            .expect("start hookq")
+    pub async fn start(&self, parts: Parts) -> System {
+        Sandbox::start(self, parts).await.expect("start hookq")
     }
 
     /// `up`, waiting until it is ready.
-    pub async fn up(&self) -> Running {
+    pub async fn up(&self) -> System {
         let r = self.start(Parts::Up).await;
-        let url = format!("http://{}/readyz", r.ingress_addr.unwrap());
-        wait_until(Duration::from_secs(10), "readyz", || async {
-            reqwest::get(&url)
-                .await
-                .map(|r| r.status() == 200)
-                .unwrap_or(false)
-        })
-        .await;
+        assert!(
+            r.ready(Duration::from_secs(10)).await,
+            "hookq up is not ready"
+        );
         r
     }
 
-    /// A broker handle on this test's topology (declares it).
     /// The test's own broker handle on its topology: connected (and the
     /// topology declared) once, on first use, and closed when the env drops.
     pub async fn broker(&self) -> Broker {
-        self.broker
-            .get_or_init(|| async {
-                Broker::connect(
-                    AMQP_URL,
-                    "hookq-test",
-                    self.topology(),
-                    self.broker_stop.clone(),
-                )
-                .await
-                .expect("broker")
-            })
-            .await
-            .clone()
+        Sandbox::broker(self).await.expect("broker").clone()
     }
 
     pub async fn queue_len(&self, queue: &str) -> u32 {
@@ -178,21 +178,20 @@ impl TestEnv {
             .expect("queue_len")
     }
 
-    /// Everything in P.dead, left in place (read, then handed back on close).
+    /// Everything in P.dead, left in place (read, then handed back).
     pub async fn dead_letters(&self) -> Vec<Envelope> {
-        let b = self.broker().await;
-        let r = b.reader().await.unwrap();
         let mut out = Vec::new();
-        while let Some((m, _)) = r.get(&self.topology().dead()).await.unwrap() {
-            out.push(m.envelope.unwrap_or_else(|(_, e)| e));
-        }
-        r.close().await;
+        hookq::tools::dead_letters::read(&self.broker().await, None, |dl| {
+            out.push(dl.envelope.clone())
+        })
+        .await
+        .expect("read P.dead");
         out
     }
 
     /// A plain lapin connection and channel, for doing to the broker what hookq never does.
     pub async fn raw_channel(&self) -> (lapin::Connection, lapin::Channel) {
-        let conn = lapin::Connection::connect(&self.settings.amqp.url, Default::default())
+        let conn = lapin::Connection::connect(AMQP_URL, Default::default())
             .await
             .unwrap();
         let ch = conn.create_channel().await.unwrap();
@@ -208,78 +207,44 @@ impl TestEnv {
         let _ = conn.close(200, "bye".into()).await;
     }
 
-    /// Environment for a `hookq` child process with these settings.
-    pub fn child_env(&self) -> Vec<(String, String)> {
-        let s = &self.settings;
-        let mut v = vec![
-            ("HOOKQ__AMQP__URL", s.amqp.url.clone()),
-            ("HOOKQ__AMQP__PREFIX", s.amqp.prefix.clone()),
-            ("HOOKQ__AMQP__PREFETCH", s.amqp.prefetch.to_string()),
-            (
-                "HOOKQ__AMQP__QUEUE_TYPE",
-                match s.amqp.queue_type {
-                    QueueType::Quorum => "quorum".into(),
-                    QueueType::Classic => "classic".into(),
-                },
-            ),
-            ("HOOKQ__INGRESS__LISTEN", "127.0.0.1:0".into()),
-            ("HOOKQ__WORKER__METRICS_LISTEN", "127.0.0.1:0".into()),
-            ("HOOKQ__WORKER__TIMEOUT_MS", s.worker.timeout_ms.to_string()),
-            (
-                "HOOKQ__RETRY__INLINE_DELAY_MS",
-                s.retry.inline_delay_ms.to_string(),
-            ),
-            (
-                "HOOKQ__RETRY__DELAYS_MS",
-                s.retry
-                    .delays_ms
-                    .iter()
-                    .map(|d| d.to_string())
-                    .collect::<Vec<_>>()
-                    .join(","),
-            ),
-            ("HOOKQ__RETRY__JITTER", "0".into()),
-            ("HOOKQ__DEDUP__PATH", s.dedup.path.display().to_string()),
-            ("HOOKQ__DEDUP__LEASE_MS", s.dedup.lease_ms.to_string()),
-            ("HOOKQ__INGRESS__ALLOW_UNKNOWN_SOURCES", "true".into()),
-        ];
-        if let Some(t) = &s.worker.target {
-            v.push(("HOOKQ__WORKER__HANDLER", "http".into()));
-            v.push(("HOOKQ__WORKER__TARGET", t.clone()));
-        } else {
-            v.push(("HOOKQ__WORKER__HANDLER", "log".into()));
-        }
-        v.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
+    /// A `hookq` child process on these settings (a generated config file):
+    /// `hookq --config FILE <args>`, logs at `log` level on stderr.
+    pub fn command(&self, args: &[&str], log: &str) -> tokio::process::Command {
+        let config = self.config_file().expect("write the config file");
+        let mut c = tokio::process::Command::new(env!("CARGO_BIN_EXE_hookq"));
+        c.arg("--config")
+            .arg(config)
+            .args(args)
+            .env("HOOKQ_LOG", log)
+            .current_dir(self.dir())
+            .kill_on_drop(true);
+        c
     }
 }
 
 impl Drop for TestEnv {
     fn drop(&mut self) {
-        for s in self.stops.lock().map(|s| s.clone()).unwrap_or_default() {
-            s.cancel();
+        let Some(sandbox) = self.sandbox.take() else {
+            return;
+        };
+        // Stop the parts, delete what the test declared and close the broker
+        // handle, on the test's own runtime (Drop is sync: block in place). A
+        // test on a current-thread runtime cleans up from a runtime of its own.
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(|| h.block_on(sandbox.remove()));
+            }
+            _ => {
+                let _ = std::thread::spawn(move || {
+                    let rt = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .unwrap();
+                    rt.block_on(sandbox.remove());
+                })
+                .join();
+            }
         }
-        self.broker_stop.cancel();
-        // Delete what the test declared, from a runtime of its own (Drop is sync).
-        let topo = self.topology();
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async {
-                if let Ok(b) = Broker::connect(
-                    AMQP_URL,
-                    "hookq-test-cleanup",
-                    topo,
-                    CancellationToken::new(),
-                )
-                .await
-                {
-                    let _ = b.delete_topology().await;
-                }
-            });
-        })
-        .join();
     }
 }
 

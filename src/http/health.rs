@@ -14,17 +14,14 @@ use axum::routing::get;
 use crate::metrics::Metrics;
 
 pub type Check = Arc<dyn Fn() -> bool + Send + Sync>;
-/// Copies counters kept elsewhere (broker, dedup store) into the registry.
-pub type Refresh = Arc<dyn Fn(&Metrics) + Send + Sync>;
 
 #[derive(Clone)]
-pub struct Ops {
+pub struct Health {
     pub metrics: Arc<Metrics>,
     pub ready: Check,
-    pub refresh: Refresh,
 }
 
-pub fn router(ops: Ops) -> Router {
+pub fn router(ops: Health) -> Router {
     Router::new()
         .route("/healthz", get(|| async { (StatusCode::OK, "ok\n") }))
         .route("/readyz", get(readyz))
@@ -32,7 +29,7 @@ pub fn router(ops: Ops) -> Router {
         .with_state(ops)
 }
 
-async fn readyz(State(ops): State<Ops>) -> Response {
+async fn readyz(State(ops): State<Health>) -> Response {
     if (ops.ready)() {
         (StatusCode::OK, "ready\n").into_response()
     } else {
@@ -40,8 +37,7 @@ async fn readyz(State(ops): State<Ops>) -> Response {
     }
 }
 
-async fn metrics(State(ops): State<Ops>) -> Response {
-    (ops.refresh)(&ops.metrics);
+async fn metrics(State(ops): State<Health>) -> Response {
     (
         [(
             header::CONTENT_TYPE,

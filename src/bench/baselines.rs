@@ -1,10 +1,11 @@
-//! The broker's own ceiling, for `hookq bench`: lapin with nothing of hookq
-//! around it, on a connection of its own. The benchmark sets hookq's figures
-//! beside these to show what the ingress and the worker cost on top of RabbitMQ.
+//! The baselines `hookq bench` sets hookq's figures beside: lapin with nothing
+//! of hookq around it, on connections of its own. The raw broker's ceiling
+//! (publish with pipelined confirms; consume with acks), and the few lines a
+//! user would write by hand instead of hookq.
 //!
-//! It lives here because only `broker/` imports lapin. Nothing else uses it: it
-//! has no reconnects, no supervision and no topology of its own (the queue must
-//! exist).
+//! The one place outside `broker/` that imports lapin, by design: this is the
+//! code a user would write without hookq. It has no reconnects, no supervision
+//! and no topology of its own (the queues must exist).
 
 use std::time::{Duration, Instant};
 
@@ -17,16 +18,17 @@ use lapin::options::{
 use lapin::types::FieldTable;
 use lapin::{Confirmation, Connection, ConnectionProperties};
 
-use super::{CONNECT_TIMEOUT, Error, codec, redact_url};
+use crate::broker::{CONNECT_TIMEOUT, Error, codec};
+use crate::config::AmqpUrl;
 use crate::message::Envelope;
 
-async fn connect(url: &str, name: &str) -> Result<Connection, Error> {
+async fn connect(url: &AmqpUrl, name: &str) -> Result<Connection, Error> {
     let props = ConnectionProperties::default().with_connection_name(name.into());
-    let attempt = tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(url, props))
+    let attempt = tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(url.expose(), props))
         .await
         .map_err(|_| Error::ConnectTimeout(CONNECT_TIMEOUT))?;
     attempt.map_err(|cause| Error::Connect {
-        url: redact_url(url),
+        url: url.to_string(),
         cause,
     })
 }
@@ -36,7 +38,7 @@ async fn connect(url: &str, name: &str) -> Result<Connection, Error> {
 /// confirm-mode channel with up to `window` publishes awaiting their confirm at
 /// once. Returns the time from the first publish to the last confirm.
 pub async fn publish_confirmed(
-    url: &str,
+    url: &AmqpUrl,
     exchange: &str,
     routing_key: &str,
     env: &Envelope,
@@ -86,7 +88,7 @@ pub async fn publish_confirmed(
 /// one by one, so the next delivery is not held up by the last ack's write).
 /// Returns the time from the first delivery to the last ack.
 pub async fn consume_acked(
-    url: &str,
+    url: &AmqpUrl,
     queue: &str,
     count: u32,
     prefetch: u16,

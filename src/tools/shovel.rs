@@ -10,17 +10,14 @@
 //! letters are read. Non-matching dead letters are held unacked until the end,
 //! when closing the reader puts them back in their original order.
 
-use std::io::IsTerminal;
-use std::process::ExitCode;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::task::JoinSet;
-use tokio_util::sync::CancellationToken;
 
+use super::dead_letters::{Counts, DeadLetter, DeadLetters, Row};
 use crate::broker::{self, Broker};
 use crate::cli::ShovelArgs;
-use crate::config::{Settings, valid_source_name};
-use crate::dlq::{Counts, DeadLetter, DeadLetters, Row};
+use crate::config::valid_source_name;
 use crate::message::{DeadReason, Envelope};
 
 /// Which dead letters to move; every given criterion must hold.
@@ -295,175 +292,6 @@ pub async fn shovel(
     match mover.failed {
         None => Ok(summary),
         Some(error) => Err(Interrupted { summary, error }),
-    }
-}
-
-/// Progress on stderr: a bar on a terminal, otherwise a plain line every few
-/// seconds (logs and CI output stay readable).
-struct Progress {
-    bar: Option<indicatif::ProgressBar>,
-    /// Moved so far (dry run: listed).
-    moved: u64,
-    last_line: Instant,
-    dry_run: bool,
-}
-
-/// How often a plain progress line is written when stderr is not a terminal.
-const PLAIN_EVERY: Duration = Duration::from_secs(2);
-
-impl Progress {
-    fn new(dry_run: bool) -> Self {
-        let bar = std::io::stderr().is_terminal().then(|| {
-            let bar = indicatif::ProgressBar::new(0);
-            if let Ok(style) = indicatif::ProgressStyle::with_template(
-                "{spinner} [{bar:30}] {pos}/{len} looked at, {msg} ({per_sec}, {eta} left)",
-            ) {
-                bar.set_style(style.progress_chars("=> "));
-            }
-            bar.set_message(if dry_run { "0 would move" } else { "0 moved" });
-            bar
-        });
-        Self {
-            bar,
-            moved: 0,
-            last_line: Instant::now(),
-            dry_run,
-        }
-    }
-
-    fn on(&mut self, event: Event<'_>) {
-        match event {
-            Event::Looked { seen, total } => self.looked(seen, total),
-            Event::Moved(_) => {
-                self.moved += 1;
-                if let Some(bar) = &self.bar {
-                    bar.set_message(format!("{} moved", self.moved));
-                }
-            }
-            Event::WouldMove(row) => self.would_move(row),
-        }
-    }
-
-    /// Dry run: one line on stdout per dead letter that would move.
-    fn would_move(&mut self, row: &Row) {
-        self.moved += 1;
-        let line = format!(
-            "would move {}  key={}  source={}  reason={}  attempts={}",
-            row.message_id,
-            row.key,
-            row.source,
-            row.reason.as_deref().unwrap_or(crate::dlq::NO_REASON),
-            row.attempts
-        );
-        match &self.bar {
-            Some(bar) => {
-                bar.set_message(format!("{} would move", self.moved));
-                bar.suspend(|| crate::cli::print(&line));
-            }
-            None => crate::cli::print(&line),
-        }
-    }
-
-    fn looked(&mut self, seen: u64, total: u64) {
-        if let Some(bar) = &self.bar {
-            bar.set_length(total);
-            bar.set_position(seen);
-            return;
-        }
-        if self.last_line.elapsed() >= PLAIN_EVERY {
-            self.last_line = Instant::now();
-            let verb = if self.dry_run { "would move" } else { "moved" };
-            eprintln!(
-                "hookq shovel: looked at {seen} of {total}, {} {verb}",
-                self.moved
-            );
-        }
-    }
-
-    fn finish(&self) {
-        if let Some(bar) = &self.bar {
-            bar.finish_and_clear();
-        }
-    }
-}
-
-/// The end-of-run report on stdout.
-fn report(summary: &Summary, dead: &str, work: &str, dry_run: bool) {
-    let (counts, head) = if dry_run {
-        (
-            &summary.would_move,
-            format!(
-                "dry run: would move {} dead letter(s) from {dead} to {work}; nothing moved",
-                summary.would_move.total()
-            ),
-        )
-    } else {
-        (
-            &summary.moved,
-            format!(
-                "moved {} dead letter(s) from {dead} to {work}",
-                summary.moved.total()
-            ),
-        )
-    };
-    crate::cli::print(head);
-    if counts.total() > 0 {
-        for line in counts.table(if dry_run { "WOULD MOVE" } else { "MOVED" }) {
-            crate::cli::print(format_args!("  {line}"));
-        }
-    }
-    let mut kept = format!(
-        "kept {} in {dead} (looked at {} of {})",
-        summary.kept, summary.looked_at, summary.total
-    );
-    if summary.skipped > 0 {
-        kept.push_str(&format!(
-            "; skipped {} that are not hookq messages (reason invalid, or unreadable): \
-             they never move, inspect them in the RabbitMQ UI",
-            summary.skipped
-        ));
-    }
-    crate::cli::print(kept);
-}
-
-/// `hookq shovel`: exit 0 when every matching dead letter moved, 2 on bad
-/// usage, 1 when the broker failed (what moved is reported; re-running finishes).
-pub async fn run(settings: &Settings, args: &ShovelArgs) -> anyhow::Result<ExitCode> {
-    let filter = match Filter::from_args(args) {
-        Ok(f) => f,
-        Err(e) => {
-            eprintln!("hookq: {e}");
-            return Ok(ExitCode::from(2));
-        }
-    };
-    let opts = Options {
-        limit: args.limit,
-        dry_run: args.dry_run,
-        publish_timeout: settings.ingress.publish_timeout(),
-        ..Options::default()
-    };
-    let stop = CancellationToken::new();
-    let broker = crate::dlq::connect(settings, "hookq-shovel", &stop).await?;
-    let (dead, work) = (broker.topology().dead(), broker.topology().work());
-    let mut progress = Progress::new(opts.dry_run);
-    let result = shovel(&broker, &filter, &opts, &mut |e| progress.on(e)).await;
-    progress.finish();
-    stop.cancel();
-    match result {
-        Ok(summary) => {
-            report(&summary, &dead, &work, opts.dry_run);
-            Ok(ExitCode::SUCCESS)
-        }
-        Err(Interrupted { summary, error }) => {
-            report(&summary, &dead, &work, opts.dry_run);
-            eprintln!(
-                "hookq: shovel stopped part way: {error}.\n\
-                 Nothing was lost: every dead letter not reported as moved is still in {dead} \
-                 (one whose move was under way may also be in {work}: the worker's dedup absorbs such a copy). \
-                 Run the same `hookq shovel` again to finish."
-            );
-            Ok(ExitCode::from(1))
-        }
     }
 }
 

@@ -1,6 +1,9 @@
-//! Serving an axum router with the limits a public endpoint needs, which
-//! `axum::serve` does not expose: a header read timeout (slowloris), a cap on
-//! header bytes, and graceful shutdown that finishes requests in flight.
+//! HTTP serving: an axum router with the limits a public endpoint needs, which
+//! `axum::serve` does not expose (a header read timeout against slowloris, a
+//! cap on header bytes), and a graceful shutdown that finishes requests in
+//! flight. [`health`] holds the routes every process serves.
+
+pub mod health;
 
 use std::time::Duration;
 

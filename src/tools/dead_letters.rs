@@ -1,5 +1,6 @@
-//! Dead letters, read without moving them: `hookq dlq list` and `hookq dlq stats`,
-//! and [`DeadLetters`], the one reader of `P.dead` that `hookq shovel` shares.
+//! Dead letters, read without moving them: [`DeadLetters`], the one reader of
+//! `P.dead` that `hookq dlq` and `hookq shovel` share, and what it reads
+//! ([`Row`], [`Counts`]).
 //!
 //! Reading uses `basic.get` on a channel of its own and holds every message it
 //! has seen unacked. Holding is what makes a run see each dead letter at most
@@ -10,13 +11,11 @@
 //! message, and on a quorum queue one Raft command each (hundreds per second).
 
 use std::collections::BTreeMap;
-use std::process::ExitCode;
 
 use serde::Serialize;
-use tokio_util::sync::CancellationToken;
 
-use crate::broker::{self, Acker, Broker, DecodeError, Incoming, Reader, Topology};
-use crate::config::{QueueType, Settings};
+use crate::broker::{self, Acker, Broker, DecodeError, Incoming, Reader};
+use crate::config::QueueType;
 use crate::message::Envelope;
 
 /// One dead letter as the tools see it, not settled yet.
@@ -185,16 +184,6 @@ impl DeadLetters {
     }
 }
 
-/// Connects for a one-shot tool; the error says how to start RabbitMQ.
-pub(crate) async fn connect(
-    settings: &Settings,
-    name: &str,
-    stop: &CancellationToken,
-) -> Result<Broker, broker::Error> {
-    let topology = Topology::new(&settings.amqp, &settings.retry);
-    Broker::connect(&settings.amqp.url, name, topology, stop.clone()).await
-}
-
 /// Shows each of up to `limit` dead letters to `visit`, then puts them all back.
 pub async fn read(
     broker: &Broker,
@@ -237,206 +226,21 @@ impl Counts {
         self.0.values().sum()
     }
 
-    fn by(&self, pick: impl Fn(&(String, String)) -> &String) -> BTreeMap<String, u64> {
+    pub fn by(&self, pick: impl Fn(&(String, String)) -> &String) -> BTreeMap<String, u64> {
         let mut m = BTreeMap::new();
         for (k, n) in &self.0 {
             *m.entry(pick(k).clone()).or_default() += n;
         }
         m
     }
-
-    /// `SOURCE REASON COUNT` lines, aligned, under a header naming the count.
-    pub fn table(&self, count_title: &str) -> Vec<String> {
-        let rows = self
-            .0
-            .iter()
-            .map(|((s, r), n)| vec![s.clone(), r.clone(), n.to_string()]);
-        let header = vec!["SOURCE".into(), "REASON".into(), count_title.into()];
-        aligned(std::iter::once(header).chain(rows).collect())
-    }
-
-    pub fn json(&self) -> serde_json::Value {
-        let cross: Vec<_> = self
-            .0
-            .iter()
-            .map(|((s, r), n)| serde_json::json!({"source": s, "reason": r, "count": n}))
-            .collect();
-        serde_json::json!({
-            "total": self.total(),
-            "by_source": self.by(|k| &k.0),
-            "by_reason": self.by(|k| &k.1),
-            "by_source_and_reason": cross,
-        })
-    }
 }
 
 /// How a dead letter without a hookq reason is counted and shown.
 pub const NO_REASON: &str = "-";
-
-/// Left-aligned columns, two spaces apart; the last column is not padded.
-pub fn aligned(rows: Vec<Vec<String>>) -> Vec<String> {
-    let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
-    let widths: Vec<usize> = (0..columns)
-        .map(|c| {
-            rows.iter()
-                .filter_map(|r| r.get(c))
-                .map(|s| s.chars().count())
-                .max()
-                .unwrap_or(0)
-        })
-        .collect();
-    rows.into_iter()
-        .map(|r| {
-            let last = r.len().saturating_sub(1);
-            r.iter()
-                .enumerate()
-                .map(|(i, cell)| {
-                    if i == last {
-                        cell.clone()
-                    } else {
-                        format!("{cell:<w$}", w = widths[i])
-                    }
-                })
-                .collect::<Vec<_>>()
-                .join("  ")
-        })
-        .collect()
-}
-
-/// A cell on one line: control characters (a multi-line error) become spaces.
-fn cell(s: &str) -> String {
-    s.chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect()
-}
-
-fn or_dash(v: Option<String>) -> String {
-    v.filter(|s| !s.is_empty())
-        .map_or_else(|| "-".to_string(), |s| cell(&s))
-}
-
-/// The text table of `hookq dlq list`; the last error goes last, as it is the
-/// long one.
-pub fn list_table(rows: &[Row]) -> Vec<String> {
-    let header = [
-        "MESSAGE ID",
-        "KEY",
-        "SOURCE",
-        "REASON",
-        "ATTEMPTS",
-        "STATUS",
-        "DEAD AT",
-        "LAST ERROR",
-    ]
-    .map(str::to_string)
-    .to_vec();
-    let body = rows.iter().map(|r| {
-        vec![
-            cell(&r.message_id),
-            cell(&r.key),
-            cell(&r.source),
-            or_dash(r.reason.clone()),
-            r.attempts.to_string(),
-            or_dash(r.last_status.map(|s| s.to_string())),
-            or_dash(r.dead_at.clone()),
-            or_dash(r.last_error.clone()),
-        ]
-    });
-    aligned(std::iter::once(header).chain(body).collect())
-}
-
-/// `hookq dlq list [--limit N] [--json]`.
-pub async fn list(settings: &Settings, limit: Option<u64>, json: bool) -> anyhow::Result<ExitCode> {
-    let stop = CancellationToken::new();
-    let broker = connect(settings, "hookq-dlq", &stop).await?;
-    let rows = rows(&broker, limit).await;
-    stop.cancel();
-    let rows = rows?;
-    if json {
-        crate::cli::print(serde_json::to_string_pretty(&rows)?);
-    } else if rows.is_empty() {
-        crate::cli::print(format_args!("{} is empty", broker.topology().dead()));
-    } else {
-        for line in list_table(&rows) {
-            crate::cli::print(line);
-        }
-    }
-    Ok(ExitCode::SUCCESS)
-}
 
 /// Counts every dead letter in `P.dead` by source and reason, putting them back.
 pub async fn counts(broker: &Broker) -> Result<Counts, broker::Error> {
     let mut c = Counts::default();
     read(broker, None, |dl| c.add(&dl.envelope.source, dl.reason())).await?;
     Ok(c)
-}
-
-/// `hookq dlq stats [--json]`.
-pub async fn stats(settings: &Settings, json: bool) -> anyhow::Result<ExitCode> {
-    let stop = CancellationToken::new();
-    let broker = connect(settings, "hookq-dlq", &stop).await?;
-    let counts = counts(&broker).await;
-    stop.cancel();
-    let counts = counts?;
-    if json {
-        crate::cli::print(serde_json::to_string_pretty(&counts.json())?);
-        return Ok(ExitCode::SUCCESS);
-    }
-    if counts.total() > 0 {
-        for line in counts.table("COUNT") {
-            crate::cli::print(line);
-        }
-    }
-    crate::cli::print(format_args!(
-        "total {} in {}",
-        counts.total(),
-        broker.topology().dead()
-    ));
-    Ok(ExitCode::SUCCESS)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn columns_line_up_and_the_last_is_not_padded() {
-        let out = aligned(vec![
-            vec!["A".into(), "BB".into(), "C".into()],
-            vec!["long".into(), "x".into(), "tail".into()],
-        ]);
-        assert_eq!(out, ["A     BB  C", "long  x   tail"]);
-    }
-
-    #[test]
-    fn counts_add_up_by_source_and_reason() {
-        let mut c = Counts::default();
-        c.add("a", Some("rejected"));
-        c.add("a", Some("rejected"));
-        c.add("b", None);
-        assert_eq!(c.total(), 3);
-        let j = c.json();
-        assert_eq!(j["by_source"]["a"], 2);
-        assert_eq!(j["by_reason"][NO_REASON], 1);
-        assert_eq!(j["by_source_and_reason"][0]["count"], 2);
-        assert_eq!(c.table("N")[0], "SOURCE  REASON    N");
-    }
-
-    #[test]
-    fn a_multi_line_error_stays_on_its_row() {
-        let row = Row {
-            message_id: "m".into(),
-            key: "s:k".into(),
-            source: "s".into(),
-            reason: Some("rejected".into()),
-            attempts: 1,
-            last_status: None,
-            last_error: Some("line1\nline2".into()),
-            dead_at: None,
-        };
-        let t = list_table(&[row]);
-        assert_eq!(t.len(), 2);
-        assert!(t[1].ends_with("line1 line2"), "{}", t[1]);
-        assert!(t[1].contains("rejected  1         -"), "{}", t[1]);
-    }
 }

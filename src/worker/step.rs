@@ -1,5 +1,8 @@
 //! One message, from delivery to settlement: dedup, deliver with in-process
-//! retries, then ack, delay or dead-letter.
+//! retries, then ack, delay or dead-letter. The broker is behind two traits
+//! ([`Settle`] for the message's own ack, [`Republish`] for delay tiers and
+//! `P.dead`), so tests drive a [`Step`] with fakes, a real SQLite file and a
+//! real HTTP target.
 //!
 //! The invariants this file keeps:
 //! - a message is acked only after its success is recorded in SQLite, or after
@@ -12,37 +15,86 @@
 //!   waits for it, so one key never has two deliveries running at once;
 //! - a 2xx is recorded, however late it comes during a graceful stop.
 
-use std::time::Duration;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use backon::{ExponentialBuilder, Retryable};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument;
 
-use super::Worker;
-use crate::broker::{Acker, Incoming};
-use crate::dedup::{Check, Held, Tier};
+use crate::broker;
+use crate::dedup::{Check, Dedup, Held};
+use crate::delivery::{self, Delivery};
+use crate::events::{Events, Outcome};
 use crate::message::{DeadInfo, DeadReason, Envelope, epoch_ms, rfc3339_now};
-use crate::retry::Decision;
+use crate::retry::{Decision, DelayTier, Policy};
 
-/// How a message was settled, for tests and logs.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Settled {
-    Delivered,
-    Duplicate,
-    Delayed,
-    Dead(DeadReason),
-    HandedBack,
+/// The message's own settlement with the broker.
+pub trait Settle: Send + Sync + Sized {
+    /// Whether the consumer that delivered it is gone (the broker has the
+    /// message again and an ack can no longer reach it).
+    fn lost(&self) -> bool;
+    /// Resolves when [`Settle::lost`] turns true.
+    fn until_lost(&self) -> impl Future<Output = ()> + Send;
+    /// Acks; an error means the ack could not be sent (the broker redelivers).
+    fn ack(self) -> impl Future<Output = Result<(), broker::Error>> + Send;
+    /// Hands the message back to the queue.
+    fn requeue(self) -> impl Future<Output = ()> + Send;
+}
+
+/// Publishing a message somewhere else, with the broker's confirm.
+pub trait Republish: Send + Sync {
+    fn to_delay(
+        &self,
+        tier: DelayTier,
+        env: &Envelope,
+        expiration: Duration,
+    ) -> impl Future<Output = Result<(), broker::Error>> + Send;
+    fn to_dead(&self, env: &Envelope) -> impl Future<Output = Result<(), broker::Error>> + Send;
 }
 
 /// Polling a claim that a live holder works on: from this, doubling to [`BUSY_MAX`].
 const BUSY_MIN: Duration = Duration::from_millis(50);
 const BUSY_MAX: Duration = Duration::from_secs(1);
+/// The pause before a hand-back, so that a broker or store that keeps failing
+/// does not turn into a hot loop.
+const HAND_BACK_PAUSE: Duration = Duration::from_millis(500);
 
-impl Worker {
-    pub(super) async fn process(&self, msg: Incoming) -> Settled {
-        let lost = msg.lost.clone();
-        let (env, acker) = match msg.envelope {
-            Ok(env) => (env, msg.acker),
+/// Everything one message's processing needs, shared by all of a worker's messages.
+pub struct Step {
+    pub dedup: Arc<Dedup>,
+    pub delivery: Delivery,
+    pub policy: Policy,
+    pub events: Events,
+    /// Deliveries to the target at once (`worker.concurrency`).
+    pub deliveries: Semaphore,
+    /// Broker refusals of a message's republish before it is dead-lettered as
+    /// `delivery_limit` (the safety net a classic queue does not have).
+    pub delivery_limit: u32,
+    /// A delivery may take this long; after the grace period it still may.
+    pub timeout: Duration,
+    /// Stop taking work (and stop retrying in-process: park retries on the broker).
+    pub shutdown: CancellationToken,
+    /// The grace period is over: hand back whatever is still held.
+    pub abandon: CancellationToken,
+}
+
+/// What a step works on: the message (or why it is not one) and its settlement.
+pub struct Message<S> {
+    pub envelope: Result<Envelope, (broker::DecodeError, Envelope)>,
+    pub settle: S,
+}
+
+impl Step {
+    /// Processes one message to its end and reports the outcome (as an event
+    /// too). The caller opens the tracing span.
+    pub async fn run<S: Settle, R: Republish>(&self, msg: Message<S>, out: &R) -> Outcome {
+        let (env, outcome) = match msg.envelope {
+            Ok(env) => {
+                let outcome = self.settle(&env, msg.settle, out).await;
+                (env, outcome)
+            }
             Err((err, stand_in)) => {
                 tracing::warn!(message_id = %stand_in.message_id, "{err}: parking it in the dead-letter queue");
                 let info = DeadInfo {
@@ -51,41 +103,34 @@ impl Worker {
                     last_status: None,
                     dead_at: rfc3339_now(),
                 };
-                return self.dead_letter(stand_in, info, msg.acker, None).await;
+                let mut env = stand_in;
+                let outcome = self
+                    .dead_letter(&mut env, info, msg.settle, None, out)
+                    .await;
+                (env, outcome)
             }
         };
-        let span = tracing::info_span!("message", message_id = %env.message_id, key = %env.key, source = %env.source);
-        self.settle(env, acker, &lost).instrument(span).await
+        self.events.settled(&env, outcome.clone());
+        outcome
     }
 
-    async fn settle(&self, mut env: Envelope, acker: Acker, lost: &CancellationToken) -> Settled {
+    async fn settle<S: Settle, R: Republish>(&self, env: &Envelope, msg: S, out: &R) -> Outcome {
         let mut busy_wait = BUSY_MIN;
         let held = loop {
             let check = self
                 .persist("claim", || self.dedup.check(&env.key, &env.message_id))
                 .await;
             match check {
-                None => return self.hand_back(acker).await,
+                None => return self.hand_back(msg).await,
                 Some(Check::Deliver(held)) => break held,
                 Some(Check::Done(tier)) => {
-                    self.metrics
-                        .dedup_hits
-                        .get_or_create(&crate::metrics::TierLabels {
-                            tier: tier.as_str(),
-                        })
-                        .inc();
                     tracing::debug!(tier = tier.as_str(), "duplicate of a delivered key");
-                    return self.ack(acker, &env, Settled::Duplicate).await;
+                    return ack(msg, Outcome::Duplicate { tier }).await;
                 }
                 Some(Check::InFlight { holder }) => {
-                    self.metrics
-                        .dedup_hits
-                        .get_or_create(&crate::metrics::TierLabels {
-                            tier: Tier::Sqlite.as_str(),
-                        })
-                        .inc();
                     tracing::debug!(%holder, "duplicate of a key another message holds");
-                    return self.ack(acker, &env, Settled::Duplicate).await;
+                    let tier = crate::dedup::Tier::Sqlite;
+                    return ack(msg, Outcome::Duplicate { tier }).await;
                 }
                 Some(Check::Busy) => {
                     // This message is still being delivered by a live holder (its
@@ -96,16 +141,26 @@ impl Worker {
                             "this message is still being delivered elsewhere; waiting for that delivery to end"
                         );
                     }
-                    tokio::select! {
-                        _ = self.abandon.cancelled() => return self.hand_back(acker).await,
-                        // Our own channel went too: the broker has this copy again.
-                        _ = lost.cancelled() => return Settled::HandedBack,
-                        _ = tokio::time::sleep(busy_wait) => {}
+                    enum Woke {
+                        Abandon,
+                        Lost,
+                        Again,
                     }
-                    busy_wait = (busy_wait * 2).min(BUSY_MAX);
+                    let woke = tokio::select! {
+                        _ = self.abandon.cancelled() => Woke::Abandon,
+                        _ = msg.until_lost() => Woke::Lost,
+                        _ = tokio::time::sleep(busy_wait) => Woke::Again,
+                    };
+                    match woke {
+                        Woke::Abandon => return self.hand_back(msg).await,
+                        // Our own channel went too: the broker has this copy again.
+                        Woke::Lost => return Outcome::HandedBack,
+                        Woke::Again => busy_wait = (busy_wait * 2).min(BUSY_MAX),
+                    }
                 }
             }
         };
+        let mut env = env.clone();
         env.attempts = env.attempts.max(held.attempts);
 
         if held.handbacks >= self.delivery_limit {
@@ -122,7 +177,9 @@ impl Worker {
                 last_status: None,
                 dead_at: rfc3339_now(),
             };
-            return self.dead_letter(env, info, acker, Some(&held)).await;
+            return self
+                .dead_letter(&mut env, info, msg, Some(&held), out)
+                .await;
         }
 
         // Back early from a delay tier shorter than the target's Retry-After.
@@ -135,7 +192,7 @@ impl Worker {
                 let tier = self.policy.tier_at_least(remaining);
                 let why = "Retry-After not over yet";
                 return self
-                    .delay(env, tier, Some(remaining), acker, &held, why)
+                    .delay(&mut env, tier, Some(remaining), msg, &held, why, out)
                     .await;
             }
         }
@@ -145,28 +202,28 @@ impl Worker {
             Ok(status) => {
                 tracing::debug!(status, "delivered");
                 if !self.record_done(&held).await {
-                    return self.hand_back(acker).await;
+                    return self.hand_back(msg).await;
                 }
-                if lost.is_cancelled() {
+                if msg.lost() {
                     // Recorded: the copy the broker hands out again is acked as a duplicate.
-                    return Settled::HandedBack;
+                    return Outcome::HandedBack;
                 }
-                self.ack(acker, &env, Settled::Delivered).await
+                ack(
+                    msg,
+                    Outcome::Delivered {
+                        attempt: failed + 1,
+                    },
+                )
+                .await
             }
             Err(e) => {
                 env.attempts = failed;
-                if lost.is_cancelled() {
+                if msg.lost() {
                     // The broker has this message again; leave the claim (and the
                     // attempts) to the copy it hands out, and republish nothing.
                     tracing::info!(attempts = failed, error = %e, "delivery failed after the broker connection was lost; leaving the message to its redelivery");
-                    if self
-                        .persist("park", || held.park(failed, false))
-                        .await
-                        .is_none()
-                    {
-                        tracing::debug!("could not park the claim; the lease ends it");
-                    }
-                    return Settled::HandedBack;
+                    let _ = self.persist("park", || held.park(failed, false)).await;
+                    return Outcome::HandedBack;
                 }
                 match self.policy.after_failure(failed, &e.failure()) {
                     Decision::Dead(reason) => {
@@ -177,14 +234,20 @@ impl Worker {
                             last_status: e.status(),
                             dead_at: rfc3339_now(),
                         };
-                        self.dead_letter(env, info, acker, Some(&held)).await
+                        self.dead_letter(&mut env, info, msg, Some(&held), out)
+                            .await
                     }
                     Decision::Delay { tier, floor } => {
                         let why = e.to_string();
-                        self.delay(env, tier, floor, acker, &held, &why).await
+                        self.delay(&mut env, tier, floor, msg, &held, &why, out)
+                            .await
                     }
                     // Only reached when stopping: park the retry on the broker.
-                    Decision::Inline(_) => self.delay(env, 0, None, acker, &held, "stopping").await,
+                    Decision::Inline(_) => {
+                        let tier = self.policy.tier_at_least(Duration::ZERO);
+                        self.delay(&mut env, tier, None, msg, &held, "stopping", out)
+                            .await
+                    }
                 }
             }
         }
@@ -194,28 +257,22 @@ impl Worker {
     /// result and the failed-attempt count after it. Stopping ends the retries
     /// (the caller parks the message on the broker); an attempt under way runs
     /// to its end (`worker.timeout_ms`).
-    async fn deliver_inline(&self, env: &Envelope) -> (Result<u16, crate::handler::Error>, u32) {
+    async fn deliver_inline(&self, env: &Envelope) -> (Result<u16, delivery::Error>, u32) {
         let mut failed = env.attempts;
         loop {
             let result = {
                 let Ok(_permit) = self.deliveries.acquire().await else {
-                    return (Err(crate::handler::Error::Other("stopping".into())), failed);
+                    return (Err(delivery::Error::Other("stopping".into())), failed);
                 };
                 if !self.dedup.store().lease_is_fresh() {
                     // Other workers may soon treat our claims as abandoned: do not
                     // start a delivery that could overlap with theirs.
-                    return (
-                        Err(crate::handler::Error::Other(
-                            "the dedup store has not renewed this worker's lease".into(),
-                        )),
-                        failed,
-                    );
+                    let why = "the dedup store has not renewed this worker's lease";
+                    return (Err(delivery::Error::Other(why.into())), failed);
                 }
-                let started = std::time::Instant::now();
-                let r = self.handler.deliver(env, failed + 1).await;
-                self.metrics
-                    .delivery_seconds
-                    .observe(started.elapsed().as_secs_f64());
+                let started = Instant::now();
+                let r = self.delivery.deliver(env, failed + 1).await;
+                self.events.attempted(started.elapsed());
                 r
             };
             let e = match result {
@@ -244,13 +301,8 @@ impl Worker {
     /// period makes it give up (the message then goes back: the one case where
     /// a graceful stop can deliver a key twice).
     async fn record_done(&self, held: &Held<'_>) -> bool {
-        let backoff = ExponentialBuilder::default()
-            .with_min_delay(Duration::from_millis(50))
-            .with_max_delay(Duration::from_secs(2))
-            .with_jitter()
-            .without_max_times();
         let run = (|| held.done())
-            .retry(backoff)
+            .retry(store_backoff())
             .sleep(tokio::time::sleep)
             .notify(
                 |e, _| tracing::debug!(error = %e, "could not record the success yet; retrying"),
@@ -273,44 +325,38 @@ impl Worker {
     /// then acks. A `floor` longer than the tier (a long Retry-After) is kept as
     /// the not-before time, and the message is delayed again when it comes back
     /// early.
-    async fn delay(
+    #[allow(clippy::too_many_arguments)]
+    async fn delay<S: Settle, R: Republish>(
         &self,
-        mut env: Envelope,
-        tier: usize,
+        env: &mut Envelope,
+        tier: DelayTier,
         floor: Option<Duration>,
-        acker: Acker,
+        msg: S,
         held: &Held<'_>,
         why: &str,
-    ) -> Settled {
-        let topo = self.broker.topology();
-        let Some(t) = topo.tiers.get(tier).or(topo.tiers.last()) else {
-            return self.refused(acker, held, env.attempts).await;
-        };
+        out: &R,
+    ) -> Outcome {
         env.not_before = floor
-            .filter(|f| *f > t.delay)
+            .filter(|f| *f > tier.0)
             .map(|f| epoch_ms().saturating_add(u64::try_from(f.as_millis()).unwrap_or(u64::MAX)));
         let expiration = self
             .policy
             .tier_expiration(tier, rand::random::<f64>(), floor);
-        tracing::info!(attempts = env.attempts, queue = %t.queue, wait = ?expiration, why, "retrying later");
-        match self
-            .broker
-            .publish_to_queue(&t.queue, &env, Some(expiration), self.publish_timeout)
-            .await
-        {
+        tracing::info!(attempts = env.attempts, tier = ?tier.0, wait = ?expiration, why, "retrying later");
+        match out.to_delay(tier, env, expiration).await {
             Ok(()) => {
                 if self
                     .persist("park", || held.park(env.attempts, false))
                     .await
                     .is_none()
                 {
-                    return self.hand_back(acker).await;
+                    return self.hand_back(msg).await;
                 }
-                self.ack(acker, &env, Settled::Delayed).await
+                ack(msg, Outcome::Delayed { tier }).await
             }
             Err(e) => {
                 tracing::warn!(error = %e, "could not move the message to its delay queue; handing it back");
-                self.refused(acker, held, env.attempts).await
+                self.refused(msg, held, env.attempts).await
             }
         }
     }
@@ -318,29 +364,30 @@ impl Worker {
     /// Publishes to `P.dead` with confirm, releases the claim (a dead-lettered
     /// key may be processed again), then acks. `held` is `None` for a message
     /// that was never claimed (not a hookq message).
-    async fn dead_letter(
+    async fn dead_letter<S: Settle, R: Republish>(
         &self,
-        mut env: Envelope,
+        env: &mut Envelope,
         info: DeadInfo,
-        acker: Acker,
+        msg: S,
         held: Option<&Held<'_>>,
-    ) -> Settled {
+        out: &R,
+    ) -> Outcome {
         let reason = info.reason;
         env.dead = Some(info);
-        match self.broker.publish_dead(&env, self.publish_timeout).await {
+        match out.to_dead(env).await {
             Ok(()) => {
                 if let Some(held) = held
                     && self.persist("release", || held.release()).await.is_none()
                 {
-                    return self.hand_back(acker).await;
+                    return self.hand_back(msg).await;
                 }
-                self.ack(acker, &env, Settled::Dead(reason)).await
+                ack(msg, Outcome::Dead { reason }).await
             }
             Err(e) => {
                 tracing::warn!(error = %e, "could not publish the dead letter; handing the message back");
                 match held {
-                    Some(held) => self.refused(acker, held, env.attempts).await,
-                    None => self.hand_back(acker).await,
+                    Some(held) => self.refused(msg, held, env.attempts).await,
+                    None => self.hand_back(msg).await,
                 }
             }
         }
@@ -349,38 +396,20 @@ impl Worker {
     /// The broker refused a republish: count it on the claim (after
     /// `amqp.delivery_limit` of them the message is dead-lettered), park the
     /// claim and hand the message back.
-    async fn refused(&self, acker: Acker, held: &Held<'_>, attempts: u32) -> Settled {
+    async fn refused<S: Settle>(&self, msg: S, held: &Held<'_>, attempts: u32) -> Outcome {
         let _ = self.persist("park", || held.park(attempts, true)).await;
-        self.hand_back(acker).await
+        self.hand_back(msg).await
     }
 
-    async fn ack(&self, acker: Acker, env: &Envelope, settled: Settled) -> Settled {
-        match acker.ack().await {
-            Ok(()) => {
-                self.metrics.delivery(&env.source, outcome(&settled));
-                settled
-            }
-            Err(e) => {
-                // The channel is gone: the broker will redeliver; dedup recognises it.
-                tracing::warn!(error = %e, "ack failed; the broker will redeliver the message");
-                Settled::HandedBack
-            }
-        }
-    }
-
-    /// Gives the message back to the queue, after a short pause so that a broker
-    /// or store that keeps failing does not turn into a hot loop.
-    async fn hand_back(&self, acker: Acker) -> Settled {
+    async fn hand_back<S: Settle>(&self, msg: S) -> Outcome {
         if !self.shutdown.is_cancelled() {
             tokio::select! {
                 _ = self.abandon.cancelled() => {}
-                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                _ = tokio::time::sleep(HAND_BACK_PAUSE) => {}
             }
         }
-        if let Err(e) = acker.requeue().await {
-            tracing::debug!(error = %e, "requeue failed; the broker will redeliver anyway");
-        }
-        Settled::HandedBack
+        msg.requeue().await;
+        Outcome::HandedBack
     }
 
     /// Runs a dedup-store operation until it succeeds, backing off while the store
@@ -389,15 +418,10 @@ impl Worker {
     async fn persist<T, E, F, Fut>(&self, what: &'static str, op: F) -> Option<T>
     where
         F: FnMut() -> Fut,
-        Fut: std::future::Future<Output = Result<T, E>>,
+        Fut: Future<Output = Result<T, E>>,
         E: std::fmt::Display,
     {
-        let backoff = ExponentialBuilder::default()
-            .with_min_delay(Duration::from_millis(50))
-            .with_max_delay(Duration::from_secs(2))
-            .with_jitter()
-            .without_max_times();
-        let run = op.retry(backoff).sleep(tokio::time::sleep).notify(
+        let run = op.retry(store_backoff()).sleep(tokio::time::sleep).notify(
             |e, _| tracing::debug!(what, error = %e, "dedup store busy or failing; retrying"),
         );
         tokio::select! {
@@ -407,13 +431,23 @@ impl Worker {
     }
 }
 
-/// The metric label of an outcome.
-fn outcome(s: &Settled) -> &'static str {
-    match s {
-        Settled::Delivered => "delivered",
-        Settled::Duplicate => "duplicate",
-        Settled::Delayed => "retried",
-        Settled::Dead(_) => "dead",
-        Settled::HandedBack => "handed_back",
+/// Retrying a store operation while SQLite is busy or failing.
+fn store_backoff() -> ExponentialBuilder {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(50))
+        .with_max_delay(Duration::from_secs(2))
+        .with_jitter()
+        .without_max_times()
+}
+
+/// Acks, and reports `outcome` — or that the message went back, when the ack
+/// cannot reach the broker (the channel is gone; dedup recognises the copy).
+async fn ack<S: Settle>(msg: S, outcome: Outcome) -> Outcome {
+    match msg.ack().await {
+        Ok(()) => outcome,
+        Err(e) => {
+            tracing::warn!(error = %e, "ack failed; the broker will redeliver the message");
+            Outcome::HandedBack
+        }
     }
 }

@@ -1,0 +1,360 @@
+//! `hookq bench`: what the ingress and the worker achieve on this machine and
+//! broker, set beside what the broker achieves with nothing of hookq around it,
+//! in one run on throwaway prefixes.
+//!
+//! Phases, in order:
+//! 1. raw broker: `--messages` persistent publishes with pipelined confirms
+//!    (`--connections` in flight, the same window the ingress gets, to the same
+//!    exchange and routing key), then consuming them with manual acks at the
+//!    configured prefetch, through [`crate::broker::raw`]: lapin on its own
+//!    connection, none of hookq's code. Measured again after phase 3, and
+//!    averaged, because a shared machine's background load drifts within a run;
+//! 2. ingress: `--messages` POSTs from a built-in client, `--connections` at
+//!    once, unique idempotency keys, `--body-bytes` bodies;
+//! 3. worker: the ingress phase left that backlog in `P.work`; a worker with
+//!    dedup on drains it to a local target that answers 200;
+//! 4. end to end: `up` at a moderate, paced rate; time from each 202 to the
+//!    delivery at the target;
+//! 5. memory: this process's peak, and a lone worker process (this binary with
+//!    a hidden flag) measured after real work and again with `--lru-keys` keys
+//!    in its LRU.
+//!
+//! Where the time goes is reported beside each rate: CPU per message of this
+//! process, the ingress's publish-to-confirm time and the worker's delivery
+//! time and SQLite batching (both read from the parts' own /metrics).
+//!
+//! Every part shares the machine with the client, the target and RabbitMQ, as
+//! it would on a small host; the ratios are what to compare across machines.
+
+mod baselines;
+mod phases;
+mod probe;
+mod report;
+mod target;
+
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use crate::cli::{BenchArgs, print};
+use crate::config::{HandlerKind, Settings};
+use crate::harness::Sandbox;
+use crate::message::{DedupKey, Envelope};
+use phases::RawFigures;
+use probe::proc_status_kib;
+use target::Sink;
+
+/// Webhooks per second in the end-to-end phase: well under what the ingress
+/// and the worker sustain, so the figure is latency, not queueing.
+const E2E_RATE: u32 = 200;
+/// Messages the lone worker process delivers before its memory is measured.
+const PROBE_MESSAGES: u32 = 2000;
+/// A phase that makes no progress for this long has failed.
+const STALL: Duration = Duration::from_secs(60);
+
+/// Targets from the issue that introduced the benchmark.
+const INGRESS_RATIO_GOAL: f64 = 0.8;
+const INGRESS_P99_GOAL_MS: f64 = 20.0;
+const WORKER_RATIO_GOAL: f64 = 0.6;
+const WORKER_RSS_GOAL_MIB: f64 = 64.0;
+
+/// One target and whether this run met it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Goal {
+    pub name: String,
+    pub goal: String,
+    pub value: f64,
+    pub met: bool,
+}
+
+/// Every figure of a run; `--json` prints it as one object.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Report {
+    pub messages: u32,
+    pub connections: usize,
+    pub body_bytes: usize,
+    pub queue_type: String,
+    /// Persistent publishes confirmed per second, lapin alone, to the same
+    /// exchange and routing key as the ingress.
+    pub raw_publish_per_s: f64,
+    /// Messages consumed and acked per second, lapin alone.
+    pub raw_consume_per_s: f64,
+    /// The two measurements the figures above average: before the ingress
+    /// phase and after the worker phase. Far apart means a noisy machine.
+    pub raw_publish_rounds: [f64; 2],
+    pub raw_consume_rounds: [f64; 2],
+    /// CPU time of this process per message in each phase, in microseconds
+    /// (the ingress phase includes the load client, the worker phase the target).
+    pub raw_publish_cpu_us: f64,
+    pub raw_consume_cpu_us: f64,
+    /// 202s per second.
+    pub ingress_per_s: f64,
+    pub ingress_p50_ms: f64,
+    pub ingress_p99_ms: f64,
+    /// Requests not answered 202 (each is a problem worth a look).
+    pub ingress_errors: u32,
+    pub ingress_ratio: f64,
+    pub ingress_cpu_us: f64,
+    /// Inside the ingress: publish to confirm, on average (its /metrics).
+    pub ingress_publish_avg_ms: f64,
+    /// Backlog messages delivered, recorded and acked per second.
+    pub worker_per_s: f64,
+    pub worker_ratio: f64,
+    pub worker_cpu_us: f64,
+    /// One delivery to the target, on average (the worker's /metrics).
+    pub worker_delivery_avg_ms: f64,
+    /// SQLite transactions for the whole drain (two writes per message, batched).
+    pub worker_dedup_commits: u64,
+    pub e2e_messages: u32,
+    pub e2e_rate_per_s: u32,
+    /// From the 202 at the client to the delivery at the target; a delivery
+    /// that beats the 202 back to the client counts as 0.
+    pub e2e_p50_ms: f64,
+    pub e2e_p99_ms: f64,
+    /// From the start of the POST to the delivery at the target.
+    pub e2e_from_post_p50_ms: f64,
+    pub e2e_from_post_p99_ms: f64,
+    /// VmHWM of this process (client, ingress, worker and target together).
+    pub peak_rss_mib: Option<f64>,
+    pub lru_keys: u32,
+    /// A lone worker process after delivering [`PROBE_MESSAGES`].
+    pub worker_rss_before_mib: f64,
+    /// The same process with `lru_keys` keys in its LRU.
+    pub worker_rss_after_mib: f64,
+    pub worker_lru_len: u64,
+    pub elapsed_s: f64,
+    pub goals: Vec<Goal>,
+}
+
+fn usage_error(a: &BenchArgs, s: &Settings) -> Option<String> {
+    if a.messages == 0 {
+        return Some("--messages must be at least 1".into());
+    }
+    if a.connections == 0 || a.connections > s.ingress.max_in_flight {
+        return Some(format!(
+            "--connections must be between 1 and ingress.max_in_flight ({})",
+            s.ingress.max_in_flight
+        ));
+    }
+    if a.body_bytes == 0 || a.body_bytes > s.ingress.max_body_bytes {
+        return Some(format!(
+            "--body-bytes must be between 1 and ingress.max_body_bytes ({})",
+            s.ingress.max_body_bytes
+        ));
+    }
+    None
+}
+
+pub async fn run(settings: &Settings, args: &BenchArgs) -> anyhow::Result<ExitCode> {
+    if args.worker_rss_probe {
+        return probe::probe(settings, args).await;
+    }
+    if let Some(problem) = usage_error(args, settings) {
+        eprintln!("hookq bench: {problem}");
+        return Ok(ExitCode::from(2));
+    }
+    let report = bench(settings, args).await?;
+    if args.json {
+        print(serde_json::to_string(&report)?);
+    } else {
+        report::print_table(&report);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn say(what: impl std::fmt::Display) {
+    eprintln!("hookq bench: {what}");
+}
+
+fn per_s(n: u32, d: Duration) -> f64 {
+    let s = d.as_secs_f64();
+    if s > 0.0 { f64::from(n) / s } else { 0.0 }
+}
+
+fn kib_to_mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+/// The message every phase sends: `body_bytes` of payload, the headers the
+/// ingress would forward for such a request.
+fn sample(body: &[u8], key: &str) -> Envelope {
+    Envelope::received(
+        "bench",
+        DedupKey(format!("bench:{key}")),
+        bytes::Bytes::copy_from_slice(body),
+        Some("application/octet-stream".into()),
+        [
+            ("idempotency-key", key),
+            ("user-agent", "hookq-bench"),
+            ("content-type", "application/octet-stream"),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| Some((http::HeaderName::from_static(k), v.parse().ok()?)))
+        .collect(),
+    )
+}
+
+pub async fn bench(settings: &Settings, args: &BenchArgs) -> anyhow::Result<Report> {
+    let started = Instant::now();
+    let n = args.messages;
+    let body = vec![b'x'; args.body_bytes];
+    let stop_sink = CancellationToken::new();
+    let _stop_sink = stop_sink.clone().drop_guard();
+    let sink = Sink::start(stop_sink).await?;
+
+    // 1. The broker alone; measured again after the worker phase, because a
+    // shared machine's background load drifts within a run.
+    let raw_before = phases::raw(settings, args, &body).await?;
+
+    // 2-4 on one throwaway prefix.
+    let mut sandbox = Sandbox::new(settings, "bench").context("cannot make a scratch directory")?;
+    sandbox.settings.worker.handler = HandlerKind::Http;
+    sandbox.settings.worker.target = Some(sink.url.clone());
+    let phases = async {
+        sandbox.broker().await?;
+        let ingress = phases::ingress(&sandbox, args, &body).await?;
+        let worker = phases::worker(&sandbox, &sink, &ingress.keys).await?;
+        let raw_after = phases::raw(settings, args, &body).await?;
+        let e2e = phases::e2e(&sandbox, &sink, args, &body).await?;
+        anyhow::Ok((ingress, worker, raw_after, e2e))
+    }
+    .await;
+    sandbox.remove().await;
+    let (ingress, worker, raw_after, e2e) = phases?;
+    let raw = RawFigures::mean(&raw_before, &raw_after);
+
+    // 5. Memory.
+    let peak_rss_mib = proc_status_kib("VmHWM").map(kib_to_mib);
+    let rss = probe::worker_rss(settings, args, &sink, &body).await?;
+
+    let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
+    let ingress_ratio = ratio(ingress.per_s, raw.publish_per_s);
+    let worker_ratio = ratio(worker.per_s, raw.consume_per_s);
+    let after_mib = kib_to_mib(rss.rss_with_keys_kib);
+    let goals = vec![
+        Goal {
+            name: "ingress rate / raw publish rate".into(),
+            goal: format!(">= {INGRESS_RATIO_GOAL}"),
+            value: ingress_ratio,
+            met: ingress_ratio >= INGRESS_RATIO_GOAL,
+        },
+        Goal {
+            name: "ingress p99 latency (ms)".into(),
+            goal: format!("< {INGRESS_P99_GOAL_MS}"),
+            value: ingress.p99_ms,
+            met: ingress.p99_ms < INGRESS_P99_GOAL_MS,
+        },
+        Goal {
+            name: "worker rate / raw consume rate".into(),
+            goal: format!(">= {WORKER_RATIO_GOAL}"),
+            value: worker_ratio,
+            met: worker_ratio >= WORKER_RATIO_GOAL,
+        },
+        Goal {
+            name: format!("worker RSS with {} LRU keys (MiB)", args.lru_keys),
+            goal: format!("< {WORKER_RSS_GOAL_MIB}"),
+            value: after_mib,
+            met: after_mib < WORKER_RSS_GOAL_MIB,
+        },
+    ];
+    Ok(Report {
+        messages: n,
+        connections: args.connections,
+        body_bytes: args.body_bytes,
+        queue_type: settings.amqp.queue_type.as_str().into(),
+        raw_publish_per_s: raw.publish_per_s,
+        raw_consume_per_s: raw.consume_per_s,
+        raw_publish_rounds: [raw_before.publish_per_s, raw_after.publish_per_s],
+        raw_consume_rounds: [raw_before.consume_per_s, raw_after.consume_per_s],
+        raw_publish_cpu_us: raw.publish_cpu_us,
+        raw_consume_cpu_us: raw.consume_cpu_us,
+        ingress_per_s: ingress.per_s,
+        ingress_p50_ms: ingress.p50_ms,
+        ingress_p99_ms: ingress.p99_ms,
+        ingress_errors: ingress.errors,
+        ingress_ratio,
+        ingress_cpu_us: ingress.cpu_us,
+        ingress_publish_avg_ms: ingress.publish_avg_ms,
+        worker_per_s: worker.per_s,
+        worker_ratio,
+        worker_cpu_us: worker.cpu_us,
+        worker_delivery_avg_ms: worker.delivery_avg_ms,
+        worker_dedup_commits: worker.dedup_commits,
+        e2e_messages: e2e.messages,
+        e2e_rate_per_s: E2E_RATE,
+        e2e_p50_ms: e2e.from_202.0,
+        e2e_p99_ms: e2e.from_202.1,
+        e2e_from_post_p50_ms: e2e.from_post.0,
+        e2e_from_post_p99_ms: e2e.from_post.1,
+        peak_rss_mib,
+        lru_keys: args.lru_keys,
+        worker_rss_before_mib: kib_to_mib(rss.rss_after_work_kib),
+        worker_rss_after_mib: after_mib,
+        worker_lru_len: rss.lru_len,
+        elapsed_s: started.elapsed().as_secs_f64(),
+        goals,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proc_status_fields_parse() {
+        if cfg!(target_os = "linux") {
+            assert!(proc_status_kib("VmRSS").is_some_and(|k| k > 0));
+            assert!(proc_status_kib("VmHWM").is_some_and(|k| k > 0));
+        }
+        assert_eq!(proc_status_kib("NoSuchField"), None);
+    }
+
+    #[test]
+    fn usage_errors_name_the_flag() {
+        let s = Settings::default();
+        let ok = BenchArgs {
+            messages: 10,
+            connections: 4,
+            body_bytes: 1024,
+            lru_keys: 0,
+            json: false,
+            worker_rss_probe: false,
+        };
+        assert_eq!(usage_error(&ok, &s), None);
+        for (bad, flag) in [
+            (
+                BenchArgs {
+                    messages: 0,
+                    ..ok.clone()
+                },
+                "--messages",
+            ),
+            (
+                BenchArgs {
+                    connections: 0,
+                    ..ok.clone()
+                },
+                "--connections",
+            ),
+            (
+                BenchArgs {
+                    body_bytes: 0,
+                    ..ok.clone()
+                },
+                "--body-bytes",
+            ),
+            (
+                BenchArgs {
+                    body_bytes: s.ingress.max_body_bytes + 1,
+                    ..ok.clone()
+                },
+                "--body-bytes",
+            ),
+        ] {
+            assert!(usage_error(&bad, &s).is_some_and(|m| m.contains(flag)));
+        }
+    }
+}

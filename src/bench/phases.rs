@@ -1,0 +1,366 @@
+//! The benchmark's phases: the raw broker, the ingress under load, the worker
+//! draining a backlog, and end to end at a paced rate. Each runs real parts in
+//! this process and waits on their events, never on the broker's counters.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use axum::http::StatusCode;
+
+use super::probe::{cpu_time, cpu_us_per, mean_ms, metric};
+use super::target::Sink;
+use super::{E2E_RATE, STALL, baselines, per_s, sample, say};
+use crate::cli::BenchArgs;
+use crate::config::Settings;
+use crate::events::{Event, Outcome};
+use crate::harness::{Sandbox, ms, quantile, short_id, wait_for};
+use crate::system::Parts;
+
+/// How long a started part may take to become ready.
+const READY_WITHIN: Duration = Duration::from_secs(15);
+
+pub(super) struct RawFigures {
+    pub publish_per_s: f64,
+    pub consume_per_s: f64,
+    pub publish_cpu_us: f64,
+    pub consume_cpu_us: f64,
+}
+
+impl RawFigures {
+    pub fn mean(a: &Self, b: &Self) -> Self {
+        Self {
+            publish_per_s: (a.publish_per_s + b.publish_per_s) / 2.0,
+            consume_per_s: (a.consume_per_s + b.consume_per_s) / 2.0,
+            publish_cpu_us: (a.publish_cpu_us + b.publish_cpu_us) / 2.0,
+            consume_cpu_us: (a.consume_cpu_us + b.consume_cpu_us) / 2.0,
+        }
+    }
+}
+
+/// `--messages` persistent publishes to the same exchange and routing key as
+/// the ingress, `--connections` awaiting confirms at once, then consuming
+/// them with manual acks at the configured prefetch, on a prefix of its own.
+pub(super) async fn raw(
+    settings: &Settings,
+    args: &BenchArgs,
+    body: &[u8],
+) -> anyhow::Result<RawFigures> {
+    let n = args.messages;
+    say(format_args!(
+        "raw broker: {n} persistent publishes, {} awaiting confirms at once; then consuming them, prefetch {}",
+        args.connections, settings.amqp.prefetch
+    ));
+    let rawq = Sandbox::new(settings, "bench-raw").context("cannot make a scratch directory")?;
+    let result = async {
+        rawq.broker().await?;
+        let topo = rawq.topology();
+        let (queue, exchange) = (topo.work(), topo.exchange());
+        let url = rawq
+            .settings
+            .amqp
+            .urls
+            .first()
+            .context("amqp.url lists no broker")?;
+        let env = sample(body, "raw");
+        let routing_key = crate::broker::Topology::routing_key(&env.source);
+        let cpu = cpu_time();
+        let publish =
+            baselines::publish_confirmed(url, &exchange, &routing_key, &env, n, args.connections)
+                .await?;
+        let publish_cpu_us = cpu_us_per(cpu, n);
+        let cpu = cpu_time();
+        let consume = tokio::time::timeout(
+            STALL + Duration::from_millis(u64::from(n)),
+            baselines::consume_acked(url, &queue, n, settings.amqp.prefetch),
+        )
+        .await
+        .context("the raw consumer did not get every message in time")??;
+        anyhow::Ok(RawFigures {
+            publish_per_s: per_s(n, publish),
+            consume_per_s: per_s(n, consume),
+            publish_cpu_us,
+            consume_cpu_us: cpu_us_per(cpu, n),
+        })
+    }
+    .await;
+    rawq.remove().await;
+    result
+}
+
+pub(super) struct IngressFigures {
+    pub per_s: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub errors: u32,
+    pub cpu_us: f64,
+    pub publish_avg_ms: f64,
+    /// Keys the ingress accepted (they wait in `P.work` for the worker phase).
+    pub keys: Vec<String>,
+}
+
+/// One connection's share of the load: requests one after another until the
+/// shared counter reaches the total.
+async fn hammer(
+    http: reqwest::Client,
+    url: String,
+    body: Vec<u8>,
+    next: Arc<AtomicU32>,
+    total: u32,
+    run_id: String,
+) -> (Vec<Duration>, Vec<String>, u32, Option<String>) {
+    let (mut latencies, mut keys, mut errors, mut first_error) = (Vec::new(), Vec::new(), 0, None);
+    loop {
+        let i = next.fetch_add(1, Ordering::Relaxed);
+        if i >= total {
+            break;
+        }
+        let sent = Instant::now();
+        let r = http
+            .post(&url)
+            .header("content-type", "application/octet-stream")
+            .header("idempotency-key", format!("{run_id}-{i}"))
+            .body(body.clone())
+            .send()
+            .await;
+        let outcome = match r {
+            Ok(r) if r.status() == StatusCode::ACCEPTED => r
+                .json::<serde_json::Value>()
+                .await
+                .map_err(|e| e.to_string())
+                .map(|v| v["key"].as_str().unwrap_or_default().to_string()),
+            Ok(r) => Err(format!(
+                "{} {}",
+                r.status(),
+                r.text().await.unwrap_or_default()
+            )),
+            Err(e) => Err(e.to_string()),
+        };
+        match outcome {
+            Ok(key) => {
+                latencies.push(sent.elapsed());
+                keys.push(key);
+            }
+            Err(e) => {
+                errors += 1;
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    (latencies, keys, errors, first_error)
+}
+
+pub(super) async fn ingress(
+    sandbox: &Sandbox,
+    args: &BenchArgs,
+    body: &[u8],
+) -> anyhow::Result<IngressFigures> {
+    let n = args.messages;
+    say(format_args!(
+        "ingress: {n} POSTs of {} bytes over {} connections",
+        body.len(),
+        args.connections
+    ));
+    let part = sandbox.start(Parts::Ingress).await?;
+    anyhow::ensure!(
+        part.ready(READY_WITHIN).await,
+        "the ingress did not become ready"
+    );
+    let addr = part.ingress_addr.context("the ingress has no address")?;
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(args.connections)
+        .build()?;
+    let url = format!("http://{addr}/hooks/bench");
+    let next = Arc::new(AtomicU32::new(0));
+    let run_id = short_id();
+    let cpu = cpu_time();
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..args.connections)
+        .map(|_| {
+            tokio::spawn(hammer(
+                http.clone(),
+                url.clone(),
+                body.to_vec(),
+                next.clone(),
+                n,
+                run_id.clone(),
+            ))
+        })
+        .collect();
+    let (mut latencies, mut keys, mut errors, mut first_error) = (Vec::new(), Vec::new(), 0, None);
+    for t in tasks {
+        let (l, k, e, f) = t.await.context("a load connection panicked")?;
+        latencies.extend(l);
+        keys.extend(k);
+        errors += e;
+        first_error = first_error.or(f);
+    }
+    let elapsed = started.elapsed();
+    let cpu_us = cpu_us_per(cpu, n);
+    let metrics = part.metrics().render();
+    part.shutdown().await?;
+    if let Some(e) = &first_error {
+        say(format_args!(
+            "ingress: {errors} requests were not accepted; the first: {e}"
+        ));
+    }
+    anyhow::ensure!(!keys.is_empty(), "the ingress accepted no request");
+    latencies.sort_unstable();
+    Ok(IngressFigures {
+        per_s: per_s(u32::try_from(keys.len()).unwrap_or(u32::MAX), elapsed),
+        p50_ms: quantile(&latencies, 0.5).map(ms).unwrap_or(0.0),
+        p99_ms: quantile(&latencies, 0.99).map(ms).unwrap_or(0.0),
+        errors,
+        cpu_us,
+        publish_avg_ms: mean_ms(&metrics, "hookq_ingress_publish_seconds"),
+        keys,
+    })
+}
+
+pub(super) struct WorkerFigures {
+    pub per_s: f64,
+    pub cpu_us: f64,
+    pub delivery_avg_ms: f64,
+    pub dedup_commits: u64,
+}
+
+/// Drains the ingress phase's backlog; messages per second from the first
+/// delivery at the target until the worker reports the last one delivered
+/// (recorded and acked).
+pub(super) async fn worker(
+    sandbox: &Sandbox,
+    sink: &Sink,
+    keys: &[String],
+) -> anyhow::Result<WorkerFigures> {
+    let total = u32::try_from(keys.len()).unwrap_or(u32::MAX);
+    say(format_args!(
+        "worker: draining a backlog of {total} messages (dedup on, target answers 200)"
+    ));
+    let cpu = cpu_time();
+    let part = sandbox.start(Parts::Worker).await?;
+    let mut events = part.subscribe();
+    let delivered = count_delivered(&mut events, total).await;
+    let finished = Instant::now();
+    let cpu_us = cpu_us_per(cpu, total);
+    let metrics = part.metrics().render();
+    part.shutdown().await?;
+    anyhow::ensure!(
+        delivered == total,
+        "the worker delivered {delivered} of {total} messages and then made no progress for {STALL:?}"
+    );
+    let first = keys
+        .iter()
+        .filter_map(|k| sink.arrival(k))
+        .min()
+        .context("the target saw none of the backlog")?;
+    Ok(WorkerFigures {
+        per_s: per_s(total, finished.saturating_duration_since(first)),
+        cpu_us,
+        delivery_avg_ms: mean_ms(&metrics, "hookq_worker_delivery_seconds"),
+        dedup_commits: metric(&metrics, "hookq_dedup_commits_total").map_or(0, |c| c as u64),
+    })
+}
+
+/// Counts `Delivered` events until `total`, or until none came for [`STALL`].
+pub(super) async fn count_delivered(
+    events: &mut tokio::sync::broadcast::Receiver<Event>,
+    total: u32,
+) -> u32 {
+    let mut delivered = 0;
+    while delivered < total {
+        let got = wait_for(events, STALL, |e| {
+            matches!(
+                e,
+                Event::Settled {
+                    outcome: Outcome::Delivered { .. },
+                    ..
+                }
+            )
+        })
+        .await;
+        if got.is_err() {
+            break;
+        }
+        delivered += 1;
+    }
+    delivered
+}
+
+pub(super) struct E2eFigures {
+    pub messages: u32,
+    /// p50 and p99 in milliseconds.
+    pub from_202: (f64, f64),
+    pub from_post: (f64, f64),
+}
+
+pub(super) async fn e2e(
+    sandbox: &Sandbox,
+    sink: &Sink,
+    args: &BenchArgs,
+    body: &[u8],
+) -> anyhow::Result<E2eFigures> {
+    let m = (args.messages / 10).clamp(50, 2000);
+    say(format_args!(
+        "end to end: {m} webhooks at {E2E_RATE}/s through ingress, broker and worker"
+    ));
+    let up = sandbox.start(Parts::Up).await?;
+    anyhow::ensure!(up.ready(READY_WITHIN).await, "hookq did not become ready");
+    let mut events = up.subscribe();
+    let addr = up.ingress_addr.context("the ingress has no address")?;
+    let http = reqwest::Client::new();
+    let url = format!("http://{addr}/hooks/bench");
+    let run_id = short_id();
+    // Paced: one request per tick, each on its own task so a slow answer does
+    // not hold back the next send.
+    let mut tick = tokio::time::interval(Duration::from_secs(1) / E2E_RATE);
+    let mut sends = Vec::with_capacity(usize::try_from(m).unwrap_or(0));
+    for i in 0..m {
+        tick.tick().await;
+        let (http, url, body) = (http.clone(), url.clone(), body.to_vec());
+        let id = format!("{run_id}-{i}");
+        sends.push(tokio::spawn(async move {
+            let sent = Instant::now();
+            let r = http
+                .post(&url)
+                .header("content-type", "application/octet-stream")
+                .header("idempotency-key", &id)
+                .body(body)
+                .send()
+                .await
+                .ok()?;
+            let at = Instant::now();
+            (r.status() == StatusCode::ACCEPTED).then(|| (format!("bench:{id}"), sent, at))
+        }));
+    }
+    let mut accepted = Vec::with_capacity(sends.len());
+    for s in sends {
+        if let Some(a) = s.await.context("an end-to-end send panicked")? {
+            accepted.push(a);
+        }
+    }
+    let want = u32::try_from(accepted.len()).unwrap_or(u32::MAX);
+    let delivered = count_delivered(&mut events, want).await;
+    up.shutdown().await?;
+    anyhow::ensure!(
+        delivered == want,
+        "end to end: {delivered} of {want} webhooks reached the target, then none for {STALL:?}"
+    );
+    let (mut from_202, mut from_post) = (Vec::new(), Vec::new());
+    for (key, sent, accepted) in &accepted {
+        if let Some(arrived) = sink.arrival(key) {
+            from_202.push(arrived.saturating_duration_since(*accepted));
+            from_post.push(arrived.saturating_duration_since(*sent));
+        }
+    }
+    let p50_p99 = |mut v: Vec<Duration>| {
+        v.sort_unstable();
+        let q = |x| quantile(&v, x).map(ms).unwrap_or(0.0);
+        (q(0.5), q(0.99))
+    };
+    Ok(E2eFigures {
+        messages: want,
+        from_202: p50_p99(from_202),
+        from_post: p50_p99(from_post),
+    })
+}

@@ -1,0 +1,147 @@
+//! Taking messages off a queue: a consumer with manual acks (the worker) or
+//! a reader with `basic.get` (the tools), and settling each message once.
+
+use futures::StreamExt;
+use lapin::Channel;
+use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicGetOptions, BasicNackOptions};
+use tokio_util::sync::CancellationToken;
+
+use super::{Broker, DecodeError, Error, codec};
+use crate::message::Envelope;
+
+/// One message taken from a queue, not yet settled.
+pub struct Incoming {
+    /// The envelope, or why it is not one (with a stand-in to dead-letter).
+    pub envelope: Result<Envelope, (DecodeError, Envelope)>,
+    pub redelivered: bool,
+    pub acker: Acker,
+    /// Cancelled when the consumer that delivered this message ends (its
+    /// channel or connection is gone): the broker has the message again, and
+    /// an ack can no longer reach it.
+    pub lost: CancellationToken,
+}
+
+pub(super) fn incoming(d: lapin::message::Delivery, lost: &CancellationToken) -> Incoming {
+    // The body moves into shared `Bytes` once; every later copy is a refcount.
+    let body = bytes::Bytes::from(d.data);
+    let envelope = match codec::decode(&d.properties, body.clone()) {
+        Ok(e) => Ok(e),
+        Err(err) => Err((err, codec::stand_in(&d.properties, body))),
+    };
+    Incoming {
+        envelope,
+        redelivered: d.redelivered,
+        acker: Acker(d.acker),
+        lost: lost.clone(),
+    }
+}
+
+/// Settles one delivery, once: `ack` and `nack` take it by value.
+pub struct Acker(pub(super) lapin::Acker);
+
+impl Acker {
+    /// Errors when the ack could not be sent (lapin answers `false` when the
+    /// channel it came from is gone): the broker will redeliver the message.
+    pub async fn ack(self) -> Result<(), Error> {
+        if self.0.ack(BasicAckOptions::default()).await? {
+            Ok(())
+        } else {
+            Err(Error::Unavailable)
+        }
+    }
+
+    /// Hands back this message and every earlier one still unsettled on its
+    /// channel, in one `basic.nack(multiple, requeue)`. Readers of `P.dead` put
+    /// what they held back this way rather than by closing the channel:
+    /// RabbitMQ 4.3 counts a lost channel (and `basic.reject`) against a quorum
+    /// queue's delivery limit, but not a `basic.nack`.
+    pub async fn requeue_through(self) -> Result<(), Error> {
+        self.0
+            .nack(BasicNackOptions {
+                requeue: true,
+                multiple: true,
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Hands the message back to the queue for another worker (or this one) to take.
+    pub async fn requeue(self) -> Result<(), Error> {
+        self.0
+            .nack(BasicNackOptions {
+                requeue: true,
+                ..Default::default()
+            })
+            .await?;
+        Ok(())
+    }
+}
+
+/// A running consumer; a stream of [`Incoming`].
+pub struct Consumer {
+    pub(super) channel: Channel,
+    pub(super) inner: lapin::Consumer,
+    pub(super) tag: String,
+    pub(super) broker: Broker,
+    /// Handed to every [`Incoming`]; cancelled when this consumer ends.
+    pub(super) lost: CancellationToken,
+}
+
+impl Consumer {
+    /// The next message; `None` when the consumer or its channel ended (cancelled,
+    /// connection lost): the caller waits for the broker to be ready and consumes again.
+    pub async fn next(&mut self) -> Option<Incoming> {
+        match self.inner.next().await {
+            Some(Ok(d)) => Some(incoming(d, &self.lost)),
+            Some(Err(e)) => {
+                tracing::warn!("consumer stopped: {e}");
+                self.lost.cancel();
+                self.broker.kick();
+                None
+            }
+            None => {
+                self.lost.cancel();
+                None
+            }
+        }
+    }
+
+    /// Stops new deliveries; unacked ones stay ours to settle.
+    pub async fn cancel(&self) {
+        let _ = self
+            .channel
+            .basic_cancel(self.tag.as_str().into(), BasicCancelOptions::default())
+            .await;
+    }
+
+    /// Closes the channel: anything still unacked goes back to the queue.
+    pub async fn close(self) {
+        self.lost.cancel();
+        let _ = self.channel.close(200, "bye".into()).await;
+    }
+}
+
+/// Reads a queue one message at a time (`basic.get`), holding what it does not settle.
+pub struct Reader {
+    pub(super) channel: Channel,
+    pub(super) lost: CancellationToken,
+}
+
+impl Reader {
+    /// The next message and how many remain after it, or `None` when the queue is empty.
+    pub async fn get(&self, queue: &str) -> Result<Option<(Incoming, u32)>, Error> {
+        let m = self
+            .channel
+            .basic_get(queue.into(), BasicGetOptions::default())
+            .await?;
+        Ok(m.map(|m| {
+            let remaining = m.message_count;
+            (incoming(m.delivery, &self.lost), remaining)
+        }))
+    }
+
+    /// Returns every held message to the queue, in its original order.
+    pub async fn close(self) {
+        let _ = self.channel.close(200, "done".into()).await;
+    }
+}

@@ -1,0 +1,182 @@
+//! The configuration as written: TOML keys and `HOOKQ__SECTION__KEY`
+//! environment values, deserialized as they are (`*_ms` numbers, URLs as
+//! text). [`super::load`] turns this into the typed [`super::Settings`], and
+//! [`super::Settings::to_toml`] writes it back (the harness gives child
+//! processes a generated file this way).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use super::{HandlerKind, QueueType, SchemeKind};
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub(super) struct File {
+    pub amqp: Amqp,
+    pub ingress: Ingress,
+    pub worker: Worker,
+    pub retry: Retry,
+    pub dedup: Dedup,
+    pub sources: BTreeMap<String, Source>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub(super) struct Amqp {
+    #[serde(deserialize_with = "text_list")]
+    pub url: Vec<String>,
+    pub prefix: String,
+    pub queue_type: QueueType,
+    pub prefetch: u16,
+    pub delivery_limit: u32,
+}
+
+impl Default for Amqp {
+    fn default() -> Self {
+        super::Settings::default().to_file().amqp
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub(super) struct Ingress {
+    pub listen: String,
+    pub max_body_bytes: usize,
+    pub publish_timeout_ms: u64,
+    pub allow_unknown_sources: bool,
+    pub max_in_flight: usize,
+}
+
+impl Default for Ingress {
+    fn default() -> Self {
+        super::Settings::default().to_file().ingress
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub(super) struct Worker {
+    pub concurrency: usize,
+    pub handler: HandlerKind,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    pub timeout_ms: u64,
+    pub metrics_listen: String,
+    pub grace_ms: u64,
+}
+
+impl Default for Worker {
+    fn default() -> Self {
+        super::Settings::default().to_file().worker
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub(super) struct Retry {
+    pub max_attempts: u32,
+    pub inline_attempts: u32,
+    pub inline_delay_ms: u64,
+    #[serde(deserialize_with = "ms_list")]
+    pub delays_ms: Vec<u64>,
+    pub jitter: f64,
+    pub max_delay_ms: u64,
+}
+
+impl Default for Retry {
+    fn default() -> Self {
+        super::Settings::default().to_file().retry
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub(super) struct Dedup {
+    pub path: PathBuf,
+    pub lru_capacity: usize,
+    pub retention_ms: u64,
+    pub lease_ms: u64,
+}
+
+impl Default for Dedup {
+    fn default() -> Self {
+        super::Settings::default().to_file().dedup
+    }
+}
+
+#[derive(Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub(super) struct Source {
+    pub verify: SchemeKind,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secret_env: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub signature_header: Option<String>,
+    pub tolerance_ms: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id_header: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id_json_pointer: Option<String>,
+}
+
+impl Default for Source {
+    fn default() -> Self {
+        super::SourceSettings::default().to_file()
+    }
+}
+
+/// Secrets never reach logs: this Debug leaves the secret out.
+impl std::fmt::Debug for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Source")
+            .field("verify", &self.verify)
+            .field("secret", &self.secret.as_ref().map(|_| "<redacted>"))
+            .field("secret_env", &self.secret_env)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A list from a TOML array, or from the environment one value or a
+/// comma-separated string.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum ListOr<T> {
+    List(Vec<T>),
+    One(T),
+    Text(String),
+}
+
+/// Milliseconds: `[100, 500]`, or `HOOKQ__RETRY__DELAYS_MS=100,500`.
+fn ms_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<u64>, D::Error> {
+    match ListOr::<u64>::deserialize(d)? {
+        ListOr::List(v) => Ok(v),
+        ListOr::One(n) => Ok(vec![n]),
+        ListOr::Text(t) => t
+            .split(',')
+            .map(|p| p.trim().parse::<u64>())
+            .collect::<Result<_, _>>()
+            .map_err(|_| {
+                serde::de::Error::custom(format!(
+                    "{t:?} is not a comma-separated list of milliseconds"
+                ))
+            }),
+    }
+}
+
+/// Text: `"amqp://a"`, `["amqp://a", "amqp://b"]`, or `HOOKQ__AMQP__URL=amqp://a,amqp://b`.
+fn text_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    Ok(match ListOr::<String>::deserialize(d)? {
+        ListOr::List(v) => v,
+        ListOr::One(t) | ListOr::Text(t) => t
+            .split(',')
+            .map(|p| p.trim().to_string())
+            .filter(|p| !p.is_empty())
+            .collect(),
+    })
+}

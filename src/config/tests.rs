@@ -1,0 +1,252 @@
+//! Loading, environment overrides and validation, against real files.
+
+use super::*;
+use std::collections::HashMap;
+
+fn ms(v: u64) -> Duration {
+    Duration::from_millis(v)
+}
+
+fn env(pairs: &[(&str, &str)]) -> Option<HashMap<String, String>> {
+    Some(
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    )
+}
+
+fn file(text: &str) -> tempfile::NamedTempFile {
+    let mut f = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+    std::io::Write::write_all(&mut f, text.as_bytes()).unwrap();
+    f
+}
+
+#[test]
+fn shipped_default_file_matches_builtin_defaults() {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/default.toml");
+    let e = env(&[("HOOKQ__WORKER__HANDLER", "log")]);
+    let s = load_with_env(Some(&p), e.clone()).unwrap();
+    let d = Settings::default();
+    assert_eq!(s.amqp.urls, d.amqp.urls);
+    assert_eq!(s.retry.delays, d.retry.delays);
+    assert_eq!(s.dedup.retention, d.dedup.retention);
+    assert_eq!(s.ingress.listen, d.ingress.listen);
+    assert_eq!(s.retry.max_delay, d.retry.max_delay);
+    assert_eq!(s.dedup.lease, d.dedup.lease);
+    assert_eq!(s.worker.grace, d.worker.grace);
+    assert_eq!(s.amqp.delivery_limit, d.amqp.delivery_limit);
+}
+
+#[test]
+fn env_overrides_file_and_parses_lists() {
+    let f = file("[worker]\nhandler = \"log\"\n[amqp]\nprefetch = 8\n");
+    let s = load_with_env(
+        Some(f.path()),
+        env(&[
+            ("HOOKQ__AMQP__PREFETCH", "16"),
+            ("HOOKQ__RETRY__DELAYS_MS", "10, 20"),
+            ("HOOKQ__AMQP__QUEUE_TYPE", "classic"),
+        ]),
+    )
+    .unwrap();
+    assert_eq!(s.amqp.prefetch, 16);
+    assert_eq!(s.retry.delays, [10, 20].map(ms).to_vec());
+    assert_eq!(s.amqp.queue_type, QueueType::Classic);
+    let one = load_with_env(Some(f.path()), env(&[("HOOKQ__RETRY__DELAYS_MS", "250")])).unwrap();
+    assert_eq!(one.retry.delays, vec![ms(250)]);
+    let bad = load_with_env(Some(f.path()), env(&[("HOOKQ__RETRY__DELAYS_MS", "1s")])).unwrap_err();
+    assert_eq!(bad.key, "retry.delays_ms");
+}
+
+#[test]
+fn unknown_and_bad_keys_are_named() {
+    let cases = [
+        ("[amqp]\nprefecth = 3\n", "amqp"),
+        ("[amqp]\nqueue_type = \"stream\"\n", "amqp.queue_type"),
+        ("[ingress]\nlisten = \"nowhere\"\n", "ingress.listen"),
+        ("[retry]\ndelays_ms = []\n", "retry.delays_ms"),
+        ("[retry]\njitter = 1.5\n", "retry.jitter"),
+        ("[worker]\nhandler = \"http\"\n", "worker.target"),
+        ("[worker]\ntarget = \"ftp://x\"\n", "worker.target"),
+        ("[bogus]\nx = 1\n", ""),
+        (
+            "[worker]\nhandler = \"log\"\n[sources.gh]\nverify = \"github\"\n",
+            "sources.gh",
+        ),
+        (
+            "[worker]\nhandler = \"log\"\n[sources.Bad]\nverify = \"none\"\n",
+            "sources.Bad",
+        ),
+    ];
+    for (text, key) in cases {
+        let f = file(text);
+        let err = load_with_env(Some(f.path()), env(&[]))
+            .and_then(|s| s.validate_worker().map(|_| s))
+            .unwrap_err();
+        assert!(
+            err.key.starts_with(key),
+            "{text:?}: got key {:?} ({err})",
+            err.key
+        );
+        if text.contains("prefecth") {
+            assert!(err.to_string().contains("prefecth"), "{err}");
+        }
+        if text.contains("bogus") {
+            assert!(err.to_string().contains("bogus"), "{err}");
+        }
+    }
+}
+
+#[test]
+fn secret_env_is_resolved_and_missing_variable_is_named() {
+    let f = file(
+        "[worker]\nhandler = \"log\"\n[sources.gh]\nverify = \"github\"\nsecret_env = \"HOOKQ_TEST_UNSET_SECRET_VAR\"\n",
+    );
+    let err = load_with_env(Some(f.path()), env(&[])).unwrap_err();
+    assert_eq!(err.key, "sources.gh.secret_env");
+}
+
+#[test]
+fn environment_values_are_text_unless_the_key_is_a_number() {
+    let f = file(
+        "[worker]\nhandler = \"log\"\n[sources.x]\nverify = \"hmac-sha256\"\nsignature_header = \"x-sig\"\n",
+    );
+    let s = load_with_env(
+        Some(f.path()),
+        env(&[
+            ("HOOKQ__SOURCES__X__SECRET", "00123"),
+            ("HOOKQ__SOURCES__X__TOLERANCE_MS", "1500"),
+            ("HOOKQ__AMQP__PREFIX", "007"),
+            ("HOOKQ__INGRESS__ALLOW_UNKNOWN_SOURCES", "true"),
+            ("HOOKQ__AMQP__PREFETCH", "16"),
+        ]),
+    )
+    .unwrap();
+    let x = &s.sources["x"];
+    assert_eq!(x.secret.as_ref().map(Secret::expose), Some("00123"));
+    assert_eq!(x.tolerance, ms(1500));
+    assert_eq!(s.amqp.prefix, "007");
+    assert!(s.ingress.allow_unknown_sources);
+    assert_eq!(s.amqp.prefetch, 16);
+    let bad = load_with_env(Some(f.path()), env(&[("HOOKQ__AMQP__PREFETCH", "many")])).unwrap_err();
+    assert_eq!(bad.key, "amqp.prefetch", "{bad}");
+}
+
+#[test]
+fn inconsistent_settings_are_refused_naming_the_keys() {
+    let cases = [
+        // Not ascending.
+        (
+            "[retry]\ndelays_ms = [5000, 1000]\n",
+            "retry.delays_ms",
+            "ascending",
+        ),
+        // A retention shorter than a message's longest stay with the broker.
+        (
+            "[dedup]\nretention_ms = 3600000\n",
+            "dedup.retention_ms",
+            "retry.max_delay_ms",
+        ),
+        (
+            "[retry]\nmax_delay_ms = 0\n",
+            "retry.max_delay_ms",
+            "at least",
+        ),
+    ];
+    for (text, key, says) in cases {
+        let f = file(&format!("[worker]\nhandler = \"log\"\n{text}"));
+        let err = load_with_env(Some(f.path()), env(&[])).unwrap_err();
+        assert_eq!(err.key, key, "{text:?}: {err}");
+        assert!(err.to_string().contains(says), "{text:?}: {err}");
+    }
+    // Values that would overflow a conversion (u64::MAX does not fit TOML's
+    // integers, but it does fit an environment variable).
+    let f = file("[worker]\nhandler = \"log\"\n");
+    for var in ["HOOKQ__DEDUP__RETENTION_MS", "HOOKQ__WORKER__TIMEOUT_MS"] {
+        let err = load_with_env(Some(f.path()), env(&[(var, "18446744073709551615")])).unwrap_err();
+        let key = var
+            .trim_start_matches("HOOKQ__")
+            .replace("__", ".")
+            .to_lowercase();
+        assert_eq!(err.key, key, "{err}");
+        assert!(err.to_string().contains("10 years"), "{err}");
+    }
+    // Repeating a tier is fine (two retries at that wait); a short retention
+    // fits when the retries fit in it.
+    let ok = file(
+        "[worker]\nhandler = \"log\"\n[retry]\ndelays_ms = [100, 100, 400]\nmax_delay_ms = 500\n\
+         [dedup]\nretention_ms = 3600000\n",
+    );
+    load_with_env(Some(ok.path()), env(&[])).unwrap();
+}
+
+#[test]
+fn longest_stay_counts_every_retry_at_its_longest_wait() {
+    let r = RetrySettings {
+        max_attempts: 4,
+        delays: [100, 1000].map(ms).to_vec(),
+        max_delay: ms(500),
+        ..Default::default()
+    };
+    // Three retries: max(100, 500) + max(1000, 500) + max(1000, 500).
+    assert_eq!(r.longest_stay(), ms(2500));
+    assert_eq!(RetrySettings::default().longest_stay(), ms(4 * 86_400_000));
+}
+
+#[test]
+fn debug_redacts_secrets_passwords_and_target_queries() {
+    let f = file(
+        "[amqp]\nurl = \"amqp://app:hunter2@broker:5672/%2f\"\n\
+         [worker]\nhandler = \"log\"\ntarget = \"http://t:1/p?token=t0ken\"\n\
+         [sources.gh]\nverify = \"github\"\nsecret = \"hunter3\"\n",
+    );
+    let s = load_with_env(Some(f.path()), env(&[])).unwrap();
+    let shown = format!("{s:?}");
+    for secret in ["hunter2", "hunter3", "t0ken"] {
+        assert!(!shown.contains(secret), "{secret} in {shown}");
+    }
+    assert!(shown.contains("broker"), "{shown}");
+    assert_eq!(s.amqp.urls[0].node(), "broker:5672");
+    assert_eq!(s.amqp.urls[0].to_string(), "amqp://app:***@broker:5672/%2f");
+}
+
+#[test]
+fn a_list_of_broker_urls_from_the_file_or_the_environment() {
+    let f = file(
+        "[worker]\nhandler = \"log\"\n[amqp]\nurl = [\"amqp://a:5672/%2f\", \"amqp://b:5673/%2f\"]\n",
+    );
+    let s = load_with_env(Some(f.path()), env(&[])).unwrap();
+    let nodes: Vec<_> = s.amqp.urls.iter().map(AmqpUrl::node).collect();
+    assert_eq!(nodes, ["a:5672", "b:5673"]);
+    let s = load_with_env(
+        Some(f.path()),
+        env(&[("HOOKQ__AMQP__URL", "amqp://x:1/%2f, amqps://y/%2f")]),
+    )
+    .unwrap();
+    let nodes: Vec<_> = s.amqp.urls.iter().map(AmqpUrl::node).collect();
+    assert_eq!(nodes, ["x:1", "y:5671"]);
+    let bad = load_with_env(Some(f.path()), env(&[("HOOKQ__AMQP__URL", "http://x")])).unwrap_err();
+    assert_eq!(bad.key, "amqp.url");
+}
+
+#[test]
+fn written_settings_load_back_the_same() {
+    let f = file(
+        "[worker]\nhandler = \"http\"\ntarget = \"http://t:1/p?q=1\"\ntimeout_ms = 1234\n\
+         [retry]\ndelays_ms = [100, 200]\nmax_delay_ms = 300\n[dedup]\nretention_ms = 3600000\n\
+         [sources.s]\nverify = \"hmac-sha256\"\nsecret = \"00123\"\nsignature_header = \"x-sig\"\ntolerance_ms = 900\n",
+    );
+    let s = load_with_env(Some(f.path()), env(&[])).unwrap();
+    let again = file(&s.to_toml());
+    let back = load_with_env(Some(again.path()), env(&[])).unwrap();
+    assert_eq!(format!("{s:?}"), format!("{back:?}"));
+    assert_eq!(
+        back.sources["s"].secret.as_ref().map(Secret::expose),
+        Some("00123")
+    );
+    assert_eq!(
+        back.worker.target.unwrap().url().as_str(),
+        "http://t:1/p?q=1"
+    );
+}

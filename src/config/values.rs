@@ -1,0 +1,122 @@
+//! Values that need more than a string: secrets and URLs whose `Debug` and
+//! `Display` never show a password or a token.
+
+/// A secret from the configuration. Debug is redacted and there is no Display.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Self(s.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// A broker URL. Debug and Display hide the password.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AmqpUrl(pub(super) String);
+
+impl AmqpUrl {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let u = url::Url::parse(s).map_err(|e| format!("{} is not a URL: {e}", redact(s)))?;
+        if !matches!(u.scheme(), "amqp" | "amqps") {
+            return Err(format!("{} must start with amqp:// or amqps://", redact(s)));
+        }
+        if u.host_str().is_none_or(str::is_empty) {
+            return Err(format!("{} has no host", redact(s)));
+        }
+        Ok(Self(s.to_string()))
+    }
+
+    /// The URL with its password, for the AMQP client only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// `host:port` of the node, for logs, metrics and the connection name.
+    pub fn node(&self) -> String {
+        match url::Url::parse(&self.0) {
+            Ok(u) => {
+                let default = if u.scheme() == "amqps" { 5671 } else { 5672 };
+                format!(
+                    "{}:{}",
+                    u.host_str().unwrap_or(""),
+                    u.port().unwrap_or(default)
+                )
+            }
+            Err(_) => String::new(),
+        }
+    }
+}
+
+/// `amqp://user:***@host` for any URL-ish text (the password never shown).
+fn redact(s: &str) -> String {
+    match url::Url::parse(s) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        Ok(u) => u.to_string(),
+        Err(_) => "the value".into(),
+    }
+}
+
+impl std::fmt::Display for AmqpUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&redact(&self.0))
+    }
+}
+
+impl std::fmt::Debug for AmqpUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "AmqpUrl({self})")
+    }
+}
+
+/// A delivery URL. Debug and Display show scheme, host, port and path only: a
+/// query string or user info may hold a token.
+#[derive(Clone, PartialEq, Eq)]
+pub struct TargetUrl {
+    url: url::Url,
+    shown: String,
+}
+
+impl TargetUrl {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let url = url::Url::parse(s).map_err(|e| format!("not a URL: {e}"))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(format!("scheme {} is not http or https", url.scheme()));
+        }
+        let host = url.host_str().unwrap_or("");
+        let shown = match url.port() {
+            Some(p) => format!("{}://{host}:{p}{}", url.scheme(), url.path()),
+            None => format!("{}://{host}{}", url.scheme(), url.path()),
+        };
+        Ok(Self { url, shown })
+    }
+
+    pub fn url(&self) -> &url::Url {
+        &self.url
+    }
+}
+
+impl std::fmt::Display for TargetUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.shown)
+    }
+}
+
+impl std::fmt::Debug for TargetUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "TargetUrl({})", self.shown)
+    }
+}

@@ -1,0 +1,368 @@
+//! The SQLite store of keys, shared by every worker process on the host. The only
+//! code that imports rusqlite.
+//!
+//! One thread owns the connection; async callers send it requests and await the
+//! answer, so SQLite never blocks the runtime. The thread takes every request
+//! that is waiting and runs them in one `BEGIN IMMEDIATE` transaction: one
+//! commit (one fsync) for a whole batch, which is what keeps the store from being
+//! the bottleneck. `IMMEDIATE` takes the write lock up front, so a claim is atomic
+//! across processes; WAL lets readers and the next writer proceed meanwhile.
+//!
+//! **Fenced claims.** A claim records the message that holds the key and the
+//! *holder*: this process, by an id of its own, with a lease in the `holders`
+//! table that the store thread renews every quarter lease while the process
+//! lives. A claim is taken over only by the same message (its redelivery) and
+//! only when nobody is working on it: when its holder parked it (the message
+//! waits in a delay queue, or was handed back) or when the holder's lease ran
+//! out (the process was killed). A redelivery that finds its claim held by a
+//! live holder (the broker connection dropped while a delivery was running)
+//! waits for that delivery to end instead of starting a second one.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, mpsc};
+use std::time::{Duration, Instant};
+
+use prometheus_client::metrics::counter::Counter;
+use rusqlite::{Connection, params};
+use tokio::sync::oneshot;
+
+use crate::message::epoch_ms;
+
+/// The most requests one transaction takes.
+mod sql;
+
+const MAX_BATCH: usize = 512;
+/// Rows one prune deletes; small, so it never holds the write lock for long.
+pub const PRUNE_BATCH: usize = 500;
+
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("dedup store {path}: {message}")]
+pub struct Error {
+    pub path: String,
+    pub message: String,
+}
+
+/// The state of a key after a claim.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// This message holds the key now (new, its own parked or abandoned claim
+    /// back, or a key whose earlier message was dead-lettered). `attempts` and
+    /// `handbacks` are what earlier holders of this message recorded.
+    Claimed { attempts: u32, handbacks: u32 },
+    /// A delivery of this key already succeeded, at `at_ms`.
+    Done { at_ms: u64 },
+    /// Another message holds the key: it is in flight, or waiting in a delay queue.
+    HeldBy(String),
+    /// This very message holds the key and a live holder is working on it (a
+    /// redelivery after a dropped connection): wait, do not deliver.
+    Busy,
+}
+
+enum Op {
+    Claim {
+        key: String,
+        message_id: String,
+    },
+    Done {
+        key: String,
+    },
+    Release {
+        key: String,
+        message_id: String,
+    },
+    Park {
+        key: String,
+        message_id: String,
+        attempts: u32,
+        handback: bool,
+    },
+    Prune {
+        older_than_ms: i64,
+    },
+    Probe,
+}
+
+enum Answer {
+    Claim(Claim),
+    Count(usize),
+    Unit,
+}
+
+struct Request {
+    op: Op,
+    now_ms: i64,
+    /// `None` for fire-and-forget requests (a claim parked from a `Drop`).
+    reply: Option<oneshot::Sender<Result<Answer, Error>>>,
+}
+
+/// Who this process is to the other workers on the file, and how long its
+/// claims stay its own without a renewal.
+struct Lease {
+    holder: String,
+    duration: Duration,
+    /// Epoch ms until which the last renewal that committed holds.
+    valid_until: AtomicU64,
+}
+
+/// Handle on the store thread; clone freely.
+#[derive(Clone)]
+pub struct Store {
+    tx: mpsc::Sender<Request>,
+    healthy: Arc<AtomicBool>,
+    lease: Arc<Lease>,
+    path: PathBuf,
+}
+
+fn ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+fn now_ms() -> i64 {
+    i64::try_from(epoch_ms()).unwrap_or(i64::MAX)
+}
+
+fn thread_main(
+    path: PathBuf,
+    rx: mpsc::Receiver<Request>,
+    healthy: Arc<AtomicBool>,
+    commits: Counter,
+    lease: Arc<Lease>,
+) {
+    let shown = path.display().to_string();
+    let mut conn: Option<Connection> = None;
+    // Renew every quarter lease, idle or busy; `None` = renew with the next batch.
+    let every = lease.duration / 4;
+    let mut renewed: Option<Instant> = None;
+    loop {
+        let due = renewed.is_none_or(|at| at.elapsed() >= every);
+        let wait = renewed.map_or(Duration::ZERO, |at| every.saturating_sub(at.elapsed()));
+        let mut batch = Vec::new();
+        match rx.recv_timeout(if due { Duration::ZERO } else { wait }) {
+            Ok(first) => batch.push(first),
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(r) => batch.push(r),
+                Err(_) => break,
+            }
+        }
+        let due = renewed.is_none_or(|at| at.elapsed() >= every);
+        if batch.is_empty() && !due {
+            continue;
+        }
+        if conn.is_none() {
+            match sql::open(&path) {
+                Ok(c) => conn = Some(c),
+                Err(e) => {
+                    fail(&shown, &healthy, batch, &e);
+                    // Retry opening at the next request or renewal, not in a spin.
+                    renewed = Some(Instant::now());
+                    continue;
+                }
+            }
+        }
+        let Some(c) = conn.as_ref() else { continue };
+        let now = now_ms();
+        match sql::run_batch(c, &lease, &batch, due.then_some(now)) {
+            Ok(answers) => {
+                if due {
+                    renewed = Some(Instant::now());
+                    let until = now.saturating_add(ms(lease.duration));
+                    lease
+                        .valid_until
+                        .store(u64::try_from(until).unwrap_or(0), Ordering::Relaxed);
+                }
+                commits.inc();
+                if !healthy.swap(true, Ordering::Relaxed) {
+                    tracing::info!(path = %shown, "dedup store is writable again");
+                }
+                for (r, a) in batch.into_iter().zip(answers) {
+                    if let Some(reply) = r.reply {
+                        let _ = reply.send(Ok(a));
+                    }
+                }
+            }
+            Err(e) => {
+                // Reopen next time: the file may have been replaced or fixed.
+                conn = None;
+                renewed = Some(Instant::now());
+                fail(&shown, &healthy, batch, &e);
+            }
+        }
+    }
+    // Every handle is gone: this process holds nothing any more. Ending the
+    // lease lets a redelivery of anything left take over at once.
+    if let Some(c) = conn.as_ref() {
+        let _ = c.execute(
+            "DELETE FROM holders WHERE holder = ?1",
+            params![lease.holder],
+        );
+    }
+}
+
+fn fail(path: &str, healthy: &AtomicBool, batch: Vec<Request>, e: &rusqlite::Error) {
+    if healthy.swap(false, Ordering::Relaxed) {
+        tracing::error!(path, error = %e, "dedup store cannot be written: messages are held and retried, nothing is acked as done until it recovers");
+    }
+    let err = Error {
+        path: path.to_string(),
+        message: e.to_string(),
+    };
+    for r in batch {
+        if let Some(reply) = r.reply {
+            let _ = reply.send(Err(err.clone()));
+        }
+    }
+}
+
+impl Store {
+    /// Starts the store thread. Opening happens there, and is retried on every
+    /// request while it fails, so a bad file does not stop the worker. `lease`:
+    /// see [`crate::config::DedupSettings::lease_ms`].
+    /// `commits` counts the transactions it commits (`hookq_dedup_commits_total`).
+    pub fn open(path: &Path, lease: Duration, commits: Counter) -> Self {
+        let (tx, rx) = mpsc::channel();
+        let healthy = Arc::new(AtomicBool::new(true));
+        let lease = Arc::new(Lease {
+            holder: uuid::Uuid::now_v7().to_string(),
+            duration: lease,
+            valid_until: AtomicU64::new(0),
+        });
+        let (h, l, p) = (healthy.clone(), lease.clone(), path.to_path_buf());
+        std::thread::Builder::new()
+            .name("hookq-dedup".into())
+            .spawn(move || thread_main(p, rx, h, commits, l))
+            .map(|_| ())
+            .unwrap_or_else(|e| tracing::error!("cannot start the dedup thread: {e}"));
+        Self {
+            tx,
+            healthy,
+            lease,
+            path: path.to_path_buf(),
+        }
+    }
+
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    /// This process's holder id, as claims record it.
+    pub fn holder(&self) -> &str {
+        &self.lease.holder
+    }
+
+    /// Whether this process's lease, as last renewed, still holds for half its
+    /// length: a delivery must not start on a claim that other workers may soon
+    /// consider abandoned (the store thread renews every quarter lease).
+    pub fn lease_is_fresh(&self) -> bool {
+        let until = self.lease.valid_until.load(Ordering::Relaxed);
+        let half = u64::try_from((self.lease.duration / 2).as_millis()).unwrap_or(u64::MAX);
+        epoch_ms().saturating_add(half) <= until
+    }
+
+    async fn call(&self, op: Op, now_ms: i64) -> Result<Answer, Error> {
+        let (reply, rx) = oneshot::channel();
+        let gone = || Error {
+            path: self.path.display().to_string(),
+            message: "the store thread stopped".into(),
+        };
+        self.tx
+            .send(Request {
+                op,
+                now_ms,
+                reply: Some(reply),
+            })
+            .map_err(|_| gone())?;
+        rx.await.map_err(|_| gone())?
+    }
+
+    pub async fn claim(&self, key: &str, message_id: &str) -> Result<Claim, Error> {
+        self.claim_at(key, message_id, now_ms()).await
+    }
+
+    /// [`Store::claim`] at a given time (tests move the clock).
+    pub async fn claim_at(&self, key: &str, message_id: &str, now: i64) -> Result<Claim, Error> {
+        let op = Op::Claim {
+            key: key.into(),
+            message_id: message_id.into(),
+        };
+        match self.call(op, now).await? {
+            Answer::Claim(c) => Ok(c),
+            _ => Ok(Claim::HeldBy(String::new())),
+        }
+    }
+
+    pub async fn done(&self, key: &str) -> Result<(), Error> {
+        self.done_at(key, now_ms()).await
+    }
+
+    pub async fn done_at(&self, key: &str, now: i64) -> Result<(), Error> {
+        self.call(Op::Done { key: key.into() }, now)
+            .await
+            .map(|_| ())
+    }
+
+    pub async fn release(&self, key: &str, message_id: &str) -> Result<(), Error> {
+        let op = Op::Release {
+            key: key.into(),
+            message_id: message_id.into(),
+        };
+        self.call(op, now_ms()).await.map(|_| ())
+    }
+
+    /// Leaves this message's claim to whichever copy of it comes next (it waits
+    /// in a delay queue, or went back to the work queue), recording the failed
+    /// attempts so far and, for a republish the broker refused, one hand-back.
+    pub async fn park(
+        &self,
+        key: &str,
+        message_id: &str,
+        attempts: u32,
+        handback: bool,
+    ) -> Result<(), Error> {
+        self.call(park_op(key, message_id, attempts, handback), now_ms())
+            .await
+            .map(|_| ())
+    }
+
+    /// [`Store::park`] without waiting for the answer, for a `Drop`: a task that
+    /// ended without settling its claim must not leave it live.
+    pub fn park_in_background(&self, key: &str, message_id: &str, attempts: u32) {
+        let _ = self.tx.send(Request {
+            op: park_op(key, message_id, attempts, false),
+            now_ms: now_ms(),
+            reply: None,
+        });
+    }
+
+    /// Deletes up to [`PRUNE_BATCH`] keys untouched for `retention` (never one a
+    /// live holder works on); returns how many.
+    pub async fn prune(&self, retention: Duration) -> Result<usize, Error> {
+        let now = now_ms();
+        let older_than_ms = now.saturating_sub(ms(retention));
+        match self.call(Op::Prune { older_than_ms }, now).await? {
+            Answer::Count(n) => Ok(n),
+            _ => Ok(0),
+        }
+    }
+
+    /// Checks that the file can be written now (updates health either way).
+    pub async fn probe(&self) -> Result<(), Error> {
+        self.call(Op::Probe, now_ms()).await.map(|_| ())
+    }
+}
+
+fn park_op(key: &str, message_id: &str, attempts: u32, handback: bool) -> Op {
+    Op::Park {
+        key: key.into(),
+        message_id: message_id.into(),
+        attempts,
+        handback,
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,125 @@
+//! The `http` handler: `POST` the original body and headers to the target,
+//! with the Idempotency-Key and hookq's own headers, on a keep-alive client.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, SystemTime};
+
+use http::{HeaderName, HeaderValue, header};
+
+use super::Error;
+use crate::config::{SourceSettings, TargetUrl, WorkerSettings};
+use crate::message::Envelope;
+use crate::retry::parse_retry_after;
+
+pub struct Forwarder {
+    client: reqwest::Client,
+    timeout: Duration,
+    default_target: Option<TargetUrl>,
+    targets: HashMap<String, TargetUrl>,
+}
+
+/// Headers hookq sets itself on the delivery; the forwarded copies are dropped.
+fn ours(name: &HeaderName) -> bool {
+    let n = name.as_str(); // header names are lower-case
+    n == "idempotency-key" || n.starts_with("hookq-")
+}
+
+/// A reqwest error as text without the URL it carries (and with its causes,
+/// which reqwest's own text leaves out): "http://host:port/path: error
+/// sending request: connection refused". The target is shown by scheme, host,
+/// port and path: its query or user info may hold a token.
+fn describe(target: &TargetUrl, e: reqwest::Error) -> String {
+    let e = e.without_url();
+    let mut text = format!("{target}: {e}");
+    let mut cause = std::error::Error::source(&e);
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
+}
+
+impl Forwarder {
+    pub fn new(
+        worker: &WorkerSettings,
+        sources: &BTreeMap<String, SourceSettings>,
+    ) -> Result<Self, reqwest::Error> {
+        Ok(Self {
+            client: reqwest::Client::builder()
+                .pool_max_idle_per_host(worker.concurrency)
+                .timeout(worker.timeout)
+                .redirect(reqwest::redirect::Policy::none())
+                .build()?,
+            timeout: worker.timeout,
+            default_target: worker.target.clone(),
+            targets: sources
+                .iter()
+                .filter_map(|(n, s)| s.target.clone().map(|t| (n.clone(), t)))
+                .collect(),
+        })
+    }
+
+    pub async fn deliver(&self, env: &Envelope, attempt: u32) -> Result<u16, Error> {
+        let target = self
+            .targets
+            .get(&env.source)
+            .or(self.default_target.as_ref())
+            .ok_or_else(|| Error::NoTarget(env.source.clone()))?;
+        let mut headers = env.headers.clone();
+        let theirs: Vec<HeaderName> = headers.keys().filter(|k| ours(k)).cloned().collect();
+        for k in theirs {
+            headers.remove(k);
+        }
+        // The request's own Content-Type is among the forwarded headers; a
+        // message published by other means may only have the property.
+        if !headers.contains_key(header::CONTENT_TYPE)
+            && let Some(ct) = env
+                .content_type
+                .as_deref()
+                .and_then(|c| HeaderValue::from_str(c).ok())
+        {
+            headers.insert(header::CONTENT_TYPE, ct);
+        }
+        let resp = self
+            .client
+            .post(target.url().clone())
+            .headers(headers)
+            .header("idempotency-key", env.key.0.as_str())
+            .header("hookq-source", env.source.as_str())
+            .header("hookq-message-id", env.message_id.0.as_str())
+            .header("hookq-attempt", attempt.to_string())
+            .body(env.body.clone())
+            .send()
+            .await
+            .map_err(|e| {
+                if e.is_timeout() {
+                    Error::Timeout(self.timeout)
+                } else if e.is_connect() {
+                    Error::Connect(describe(target, e))
+                } else if e.is_builder() {
+                    // A forwarded header reqwest cannot send: the message itself is bad.
+                    Error::NoTarget(format!(
+                        "{} (bad request: {})",
+                        env.source,
+                        describe(target, e)
+                    ))
+                } else {
+                    Error::Other(describe(target, e))
+                }
+            })?;
+        let status = resp.status().as_u16();
+        if resp.status().is_success() {
+            return Ok(status);
+        }
+        let retry_after = resp
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| parse_retry_after(v, SystemTime::now()));
+        Err(Error::Status {
+            status,
+            retry_after,
+        })
+    }
+}

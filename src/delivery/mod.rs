@@ -1,0 +1,155 @@
+//! Delivery to the user's application, and what its answer means.
+//!
+//! [`http`] forwards the original body and headers to the target with the
+//! Idempotency-Key; [`log`] prints one JSON line per event and always succeeds.
+//! This module does not retry: it reports one attempt's outcome and the worker
+//! asks `retry.rs` what to do about it.
+
+mod http;
+mod log;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use crate::config::{HandlerKind, SourceSettings, WorkerSettings};
+use crate::message::Envelope;
+use crate::retry::Failure;
+
+/// One failed attempt; the retry policy branches on the variant.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("HTTP {status}")]
+    Status {
+        status: u16,
+        retry_after: Option<Duration>,
+    },
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+    #[error("connection failed: {0}")]
+    Connect(String),
+    #[error("no target configured for source {0}")]
+    NoTarget(String),
+    #[error("request failed: {0}")]
+    Other(String),
+}
+
+impl Error {
+    /// The SPEC's table: 408, 425, 429, 5xx, timeouts and connection errors are
+    /// worth another try; any other status is a permanent refusal.
+    pub fn failure(&self) -> Failure {
+        match self {
+            Self::Status {
+                status,
+                retry_after,
+            } => {
+                if matches!(status, 408 | 425 | 429) || (500..=599).contains(status) {
+                    Failure::Retryable {
+                        retry_after: *retry_after,
+                    }
+                } else {
+                    Failure::Permanent
+                }
+            }
+            Self::Timeout(_) | Self::Connect(_) | Self::Other(_) => {
+                Failure::Retryable { retry_after: None }
+            }
+            Self::NoTarget(_) => Failure::Permanent,
+        }
+    }
+
+    /// The target's Retry-After, if it gave one.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::Status { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            Self::Status { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+/// How messages reach the user's application (`worker.handler`).
+pub enum Delivery {
+    Http(http::Forwarder),
+    Log,
+}
+
+impl Delivery {
+    /// From the worker's section and each source's own target.
+    pub fn new(
+        worker: &WorkerSettings,
+        sources: &BTreeMap<String, SourceSettings>,
+    ) -> Result<Self, reqwest::Error> {
+        Ok(match worker.handler {
+            HandlerKind::Log => Self::Log,
+            HandlerKind::Http => Self::Http(http::Forwarder::new(worker, sources)?),
+        })
+    }
+
+    /// One attempt; `attempt` is 1-based. Ok carries the 2xx status.
+    pub async fn deliver(&self, env: &Envelope, attempt: u32) -> Result<u16, Error> {
+        match self {
+            Self::Log => {
+                log::print(env, attempt);
+                Ok(200)
+            }
+            Self::Http(f) => f.deliver(env, attempt).await,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classification_table() {
+        let retry_after = Some(Duration::from_secs(3));
+        let cases: [(u16, bool); 11] = [
+            (408, true),
+            (425, true),
+            (429, true),
+            (500, true),
+            (502, true),
+            (599, true),
+            (400, false),
+            (401, false),
+            (404, false),
+            (409, false),
+            (422, false),
+        ];
+        for (status, retryable) in cases {
+            let f = Error::Status {
+                status,
+                retry_after,
+            }
+            .failure();
+            assert_eq!(
+                matches!(f, Failure::Retryable { .. }),
+                retryable,
+                "{status}"
+            );
+        }
+        assert_eq!(
+            Error::Status {
+                status: 429,
+                retry_after
+            }
+            .failure(),
+            Failure::Retryable { retry_after }
+        );
+        assert!(matches!(
+            Error::Timeout(Duration::from_secs(1)).failure(),
+            Failure::Retryable { retry_after: None }
+        ));
+        assert!(matches!(
+            Error::Connect("refused".into()).failure(),
+            Failure::Retryable { .. }
+        ));
+    }
+}

@@ -1,0 +1,185 @@
+//! Throwaway hookq parts on a scratch prefix: the one harness that the
+//! integration tests, `hookq simulate` and `hookq bench` share.
+//!
+//! A [`Sandbox`] takes settings derived from a base (broker URLs, queue type,
+//! prefetch and concurrency kept): its own `amqp.prefix`, its own dedup file in
+//! a directory of its own, port-0 listeners, and no configured sources (a source
+//! with a signature scheme would refuse the harness's requests). It starts
+//! parts in this process ([`Sandbox::start`]) or writes a config file for a
+//! child process ([`Sandbox::config_file`]), and [`Sandbox::remove`] deletes
+//! its queues, exchanges and files.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use tokio::sync::{OnceCell, broadcast};
+use tokio_util::sync::CancellationToken;
+
+use crate::broker::{self, Broker, Topology};
+use crate::config::Settings;
+use crate::events::Event;
+use crate::retry::Policy;
+use crate::system::{Parts, System};
+
+/// Eight hex digits that make a name unique enough for a throwaway run.
+pub fn short_id() -> String {
+    let u = uuid::Uuid::now_v7().simple().to_string();
+    u[u.len() - 8..].to_string()
+}
+
+pub struct Sandbox {
+    /// Change these before the first [`Sandbox::start`] or [`Sandbox::broker`].
+    pub settings: Settings,
+    dir: PathBuf,
+    broker: OnceCell<Broker>,
+    /// Parent of every started part's stop token.
+    parts: CancellationToken,
+}
+
+impl Sandbox {
+    /// Scratch settings derived from `base`, named `<prefix>.<tag>.<id>`, with a
+    /// directory of their own under the system's temp dir.
+    pub fn new(base: &Settings, tag: &str) -> std::io::Result<Self> {
+        let id = short_id();
+        let mut s = base.clone();
+        s.amqp.prefix = format!("{}.{tag}.{id}", base.amqp.prefix);
+        s.ingress.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+        s.ingress.allow_unknown_sources = true;
+        s.worker.metrics_listen = SocketAddr::from(([127, 0, 0, 1], 0));
+        s.sources.clear();
+        let dir = std::env::temp_dir().join(format!("hookq-{tag}-{id}"));
+        std::fs::create_dir_all(&dir)?;
+        s.dedup.path = dir.join("dedup.db");
+        Ok(Self {
+            settings: s,
+            dir,
+            broker: OnceCell::new(),
+            parts: CancellationToken::new(),
+        })
+    }
+
+    /// The sandbox's directory (the dedup file is in it; so is a config file).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn topology(&self) -> Topology {
+        Topology::new(&self.settings.amqp, &Policy::new(&self.settings.retry))
+    }
+
+    /// A broker handle of the sandbox's own: connected and the topology declared
+    /// on first use (an unreachable broker is an error now), closed by
+    /// [`Sandbox::remove`].
+    pub async fn broker(&self) -> Result<&Broker, broker::Error> {
+        self.broker
+            .get_or_try_init(|| async {
+                Broker::connect(&self.settings.amqp.urls, "hookq-harness", self.topology()).await
+            })
+            .await
+    }
+
+    /// Starts parts of hookq in this process on the sandbox's settings.
+    pub async fn start(&self, parts: Parts) -> anyhow::Result<System> {
+        System::start(&self.settings, parts, self.parts.child_token()).await
+    }
+
+    /// Writes the settings to a config file for a `hookq --config FILE` child
+    /// process, and returns its path.
+    pub fn config_file(&self) -> std::io::Result<PathBuf> {
+        let path = self.dir.join(format!("hookq-{}.toml", short_id()));
+        std::fs::write(&path, self.settings.to_toml())?;
+        Ok(path)
+    }
+
+    /// Stops whatever still runs, deletes the prefix's queues and exchanges,
+    /// closes the broker handle and removes the directory. Best effort: a
+    /// failure is said on stderr (the operator has queues to delete), never
+    /// hides a run's result.
+    pub async fn remove(&self) {
+        self.parts.cancel();
+        let broker = match self.broker().await {
+            Ok(b) => Some(b),
+            Err(e) => {
+                eprintln!("hookq: cannot reach the broker to delete the throwaway prefix: {e}");
+                None
+            }
+        };
+        if let Some(b) = broker {
+            if let Err(e) = b.delete_topology().await {
+                eprintln!(
+                    "hookq: could not delete the throwaway queues and exchanges under prefix {}: {e}; \
+                     delete them by hand (RabbitMQ UI or rabbitmqctl delete_queue)",
+                    self.settings.amqp.prefix
+                );
+            }
+            b.close().await;
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Waits for events until `done` says enough, or `within` passes (false).
+/// A subscriber that falls behind and loses events fails the wait: a count
+/// that skipped events is not a count.
+pub async fn wait_for(
+    events: &mut broadcast::Receiver<Event>,
+    within: Duration,
+    mut done: impl FnMut(&Event) -> bool,
+) -> Result<(), WaitError> {
+    let deadline = Instant::now() + within;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, events.recv()).await {
+            Err(_) => return Err(WaitError::TimedOut(within)),
+            Ok(Ok(e)) => {
+                if done(&e) {
+                    return Ok(());
+                }
+            }
+            Ok(Err(broadcast::error::RecvError::Lagged(n))) => return Err(WaitError::Lagged(n)),
+            Ok(Err(broadcast::error::RecvError::Closed)) => return Err(WaitError::Closed),
+        }
+    }
+}
+
+/// Serves `router` on 127.0.0.1:0 until `stop`; returns its address.
+pub async fn serve_local(
+    router: axum::Router,
+    stop: CancellationToken,
+) -> anyhow::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+        .await
+        .context("cannot listen on 127.0.0.1 for the built-in target")?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, router)
+            .with_graceful_shutdown(stop.cancelled_owned())
+            .await;
+    });
+    Ok(addr)
+}
+
+/// The `q`-quantile (0..=1) of sorted values, nearest-rank; `None` when empty.
+pub fn quantile(sorted: &[Duration], q: f64) -> Option<Duration> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let rank = (q * sorted.len() as f64).ceil() as usize;
+    Some(sorted[rank.clamp(1, sorted.len()) - 1])
+}
+
+pub fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WaitError {
+    #[error("the events did not arrive within {0:?}")]
+    TimedOut(Duration),
+    #[error("fell {0} events behind")]
+    Lagged(u64),
+    #[error("the system stopped")]
+    Closed,
+}

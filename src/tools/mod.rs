@@ -1,0 +1,18 @@
+//! Operators' tools on `P.dead`: reading dead letters without moving them
+//! ([`dead_letters`]), moving them back to work ([`shovel`]), and the commands
+//! that present both ([`commands`]).
+
+pub mod commands;
+pub mod dead_letters;
+pub mod shovel;
+
+use crate::broker::{self, Broker, Topology};
+use crate::config::Settings;
+use crate::retry::Policy;
+
+/// Connects for a one-shot tool; the error says how to start RabbitMQ. Close
+/// the broker when done.
+pub async fn connect(settings: &Settings, name: &str) -> Result<Broker, broker::Error> {
+    let topology = Topology::new(&settings.amqp, &Policy::new(&settings.retry));
+    Broker::connect(&settings.amqp.urls, name, topology).await
+}
