@@ -396,35 +396,33 @@ async fn a_replayed_signed_request_with_a_fresh_idempotency_key_is_a_duplicate()
     let body = r#"{"id":"evt_replayed","object":"event"}"#;
     let std_sig = standard_sig("msg_replayed", t, body);
     let stripe_sig = stripe_header(body, t, SECRET);
+    // Posts and returns the key of the 202.
+    let key_of = |source: &'static str, headers: Vec<(&'static str, String)>| {
+        let c = &c;
+        async move {
+            let h: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            let r = c.post(source, &h, body).await;
+            assert_eq!(r.status(), 202);
+            let v: serde_json::Value = r.json().await.unwrap();
+            v["key"].as_str().unwrap().to_string()
+        }
+    };
     for fresh in ["a", "b", "c"] {
-        let r = c
-            .post(
-                "std",
-                &[
-                    ("webhook-id", "msg_replayed"),
-                    ("webhook-timestamp", &t.to_string()),
-                    ("webhook-signature", &std_sig),
-                    ("idempotency-key", fresh),
-                ],
-                body,
-            )
-            .await;
-        assert_eq!(r.status(), 202);
-        let v: serde_json::Value = r.json().await.unwrap();
-        assert_eq!(v["key"], "std:msg_replayed");
-        let r = c
-            .post(
-                "stripe",
-                &[
-                    ("stripe-signature", &stripe_sig),
-                    ("idempotency-key", fresh),
-                ],
-                body,
-            )
-            .await;
-        assert_eq!(r.status(), 202);
-        let v: serde_json::Value = r.json().await.unwrap();
-        assert_eq!(v["key"], "stripe:evt_replayed");
+        let std_headers = vec![
+            ("webhook-id", "msg_replayed".to_string()),
+            ("webhook-timestamp", t.to_string()),
+            ("webhook-signature", std_sig.clone()),
+            ("idempotency-key", fresh.to_string()),
+        ];
+        assert_eq!(key_of("std", std_headers).await, "std:msg_replayed");
+        let stripe_headers = vec![
+            ("stripe-signature", stripe_sig.clone()),
+            ("idempotency-key", fresh.to_string()),
+        ];
+        assert_eq!(
+            key_of("stripe", stripe_headers).await,
+            "stripe:evt_replayed"
+        );
     }
     wait_until(Duration::from_secs(15), "both delivered", || async {
         target.successes().len() == 2
