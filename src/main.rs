@@ -53,7 +53,7 @@ async fn run(command: Command, settings: config::Settings) -> anyhow::Result<Exi
         Command::Up => Parts::Up,
         Command::Ingress => Parts::Ingress,
         Command::Worker => Parts::Worker,
-        Command::Topology => return topology(&settings).await,
+        Command::Topology => return hookq::tools::topology::run(&settings).await,
         Command::Shovel(args) => return commands::shovel(&settings, &args).await,
         Command::Dlq(DlqCommand::List { limit, json }) => {
             return commands::dlq_list(&settings, limit, json).await;
@@ -73,22 +73,5 @@ async fn run(command: Command, settings: config::Settings) -> anyhow::Result<Exi
     let system = System::start(&settings, parts, shutdown::on_signal()).await?;
     system.wait().await?;
     tracing::info!("stopped cleanly");
-    Ok(ExitCode::SUCCESS)
-}
-
-async fn topology(settings: &config::Settings) -> anyhow::Result<ExitCode> {
-    let broker = hookq::tools::connect(settings, "hookq-topology").await?;
-    let declared = broker.declare_topology().await;
-    broker.close().await;
-    for d in declared? {
-        if d.arguments.is_empty() {
-            hookq::cli::print(format_args!("{:<28} {}", d.name, d.kind));
-        } else {
-            hookq::cli::print(format_args!(
-                "{:<28} {:<18} {}",
-                d.name, d.kind, d.arguments
-            ));
-        }
-    }
     Ok(ExitCode::SUCCESS)
 }

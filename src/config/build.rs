@@ -80,6 +80,7 @@ pub(super) fn settings(
         queue_type: a.queue_type,
         prefetch: at_least_1("amqp.prefetch", a.prefetch)?,
         delivery_limit: at_least_1("amqp.delivery_limit", a.delivery_limit)?,
+        management_port: at_least_1("amqp.management_port", a.management_port)?,
     };
 
     let i = &raw.ingress;
@@ -267,6 +268,7 @@ impl Settings {
                 queue_type: self.amqp.queue_type,
                 prefetch: self.amqp.prefetch,
                 delivery_limit: self.amqp.delivery_limit,
+                management_port: self.amqp.management_port,
             },
             ingress: file::Ingress {
                 listen: self.ingress.listen.to_string(),

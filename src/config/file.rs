@@ -31,6 +31,7 @@ pub(super) struct Amqp {
     pub queue_type: QueueType,
     pub prefetch: u16,
     pub delivery_limit: u32,
+    pub management_port: u16,
 }
 
 impl Default for Amqp {

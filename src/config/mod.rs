@@ -10,7 +10,7 @@ mod build;
 mod file;
 mod values;
 
-pub use values::{AmqpUrl, Secret, TargetUrl};
+pub use values::{AmqpUrl, Management, Secret, TargetUrl};
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -102,6 +102,9 @@ pub struct AmqpSettings {
     pub queue_type: QueueType,
     pub prefetch: u16,
     pub delivery_limit: u32,
+    /// Not in the SPEC's table: the port of each node's management API
+    /// (`hookq topology` asks it for quorum queues' members and leader).
+    pub management_port: u16,
 }
 
 #[derive(Debug, Clone)]
@@ -173,6 +176,7 @@ impl Default for AmqpSettings {
             queue_type: QueueType::Quorum,
             prefetch: 64,
             delivery_limit: 20,
+            management_port: 15672,
         }
     }
 }
@@ -236,6 +240,21 @@ impl Default for SourceSettings {
             target: None,
             id_header: None,
             id_json_pointer: None,
+        }
+    }
+}
+
+impl AmqpSettings {
+    /// Classic queues live on one node: on a cluster, losing that node stops
+    /// hookq's queues (and, without replicas, may lose what they held).
+    pub fn warn_if_classic_on_a_cluster(&self) {
+        if self.urls.len() > 1 && self.queue_type == QueueType::Classic {
+            tracing::warn!(
+                nodes = self.urls.len(),
+                "amqp.queue_type = \"classic\" on a cluster: each queue lives on one node, and \
+                 while that node is down its messages are unavailable (and lost if its disk is); \
+                 use quorum queues to replicate them"
+            );
         }
     }
 }

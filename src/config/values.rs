@@ -58,6 +58,40 @@ impl AmqpUrl {
     }
 }
 
+/// Where a node's management API is, and how to sign in to it: the node's
+/// host on `amqp.management_port` with the AMQP URL's user and password, and
+/// its vhost.
+pub struct Management {
+    pub base: String,
+    pub user: String,
+    pub password: Secret,
+    pub vhost: String,
+}
+
+impl AmqpUrl {
+    /// The management API of the node this URL names, on `port`.
+    pub fn management(&self, port: u16) -> Option<Management> {
+        let u = url::Url::parse(&self.0).ok()?;
+        let vhost = match u.path().strip_prefix('/') {
+            None | Some("") => "/".to_string(),
+            Some(p) => percent_decode(p),
+        };
+        Some(Management {
+            base: format!("http://{}:{port}/api", u.host_str()?),
+            user: percent_decode(u.username()),
+            password: Secret::new(percent_decode(u.password().unwrap_or(""))),
+            vhost,
+        })
+    }
+}
+
+/// `%2f` to `/` and the like (URL user info and vhost are percent-encoded).
+fn percent_decode(s: &str) -> String {
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8_lossy()
+        .into_owned()
+}
+
 /// `amqp://user:***@host` for any URL-ish text (the password never shown).
 fn redact(s: &str) -> String {
     match url::Url::parse(s) {

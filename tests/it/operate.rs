@@ -236,3 +236,23 @@ async fn bench_json_has_every_figure() {
         assert!(g["met"].is_boolean() && g["value"].is_number(), "{g}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topology_prints_each_quorum_queue_with_its_members_and_leader() {
+    let env = TestEnv::new("topocmd");
+    let out = hookq(&["topology"], &env, Duration::from_secs(30)).await;
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let topo = env.topology();
+    for q in topo.queues() {
+        let at = text
+            .lines()
+            .position(|l| l.starts_with(&q) && l.contains("queue"))
+            .unwrap_or_else(|| panic!("{q} not printed: {text}"));
+        let next = text.lines().nth(at + 1).unwrap_or_default();
+        assert!(
+            next.contains("members rabbit@") && next.contains("leader rabbit@"),
+            "{q}: {next:?}"
+        );
+    }
+}
