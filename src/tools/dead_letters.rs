@@ -2,19 +2,18 @@
 //! `P.dead` that `hookq dlq` and `hookq shovel` share, and what it reads
 //! ([`Row`], [`Counts`]).
 //!
-//! Reading uses `basic.get` on a channel of its own and holds every message it
-//! has seen unacked. Holding is what makes a run see each dead letter at most
-//! once (the broker does not hand a held message out again), and closing the
-//! channel puts every held message back in its original order (for a quorum
-//! queue, see [`DeadLetters::close`]): reading removes nothing. `basic.get`
-//! keeps memory flat whatever the queue's size; its cost is one round trip per
-//! message, and on a quorum queue one Raft command each (hundreds per second).
+//! Reading holds every message it has seen unacked. Holding is what makes a
+//! run see each dead letter at most once (the broker does not hand a held
+//! message out again), and handing them all back at the end puts them back in
+//! their original order (for a quorum queue, see [`DeadLetters::close`]):
+//! reading removes nothing.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::broker::{self, Acker, Broker, DecodeError, Incoming, Reader};
+use crate::broker::{self, Acker, Broker, Consumer, DecodeError, Incoming, Reader};
 use crate::config::QueueType;
 use crate::message::Envelope;
 
@@ -27,10 +26,19 @@ pub struct DeadLetter {
     /// Such a message was put in `P.dead` by hand: the tools never move it.
     pub unreadable: Option<DecodeError>,
     pub acker: Acker,
+    /// Which of the reader's channels holds it.
+    pub by: ReadBy,
+}
+
+/// How a dead letter was read: the consumer, or `basic.get` past its prefetch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReadBy {
+    Consumer,
+    Get,
 }
 
 impl DeadLetter {
-    fn from_incoming(m: Incoming) -> Self {
+    fn from_incoming(m: Incoming, by: ReadBy) -> Self {
         let (envelope, unreadable) = match m.envelope {
             Ok(e) => (e, None),
             Err((err, stand_in)) => (stand_in, Some(err)),
@@ -39,6 +47,7 @@ impl DeadLetter {
             envelope,
             unreadable,
             acker: m.acker,
+            by,
         }
     }
 
@@ -88,33 +97,60 @@ pub struct Row {
 /// The number of messages to look at is fixed when it opens (the queue's length
 /// then, or less): dead letters that arrive during a run are left for the next
 /// one, so a run always ends, however busy the dead-letter queue is.
+///
+/// It reads with a consumer whose prefetch covers the run (tens of thousands of
+/// messages a second on a quorum queue, where `basic.get` costs a Raft round
+/// each); a run longer than the largest prefetch AMQP allows (65535) reads the
+/// rest with `basic.get`.
 pub struct DeadLetters {
-    reader: Reader,
+    consumer: Consumer,
+    /// Opened when the consumer's prefetch is used up by held messages.
+    reader: Option<Reader>,
+    broker: Broker,
     queue: String,
     /// The queue's length when the run started.
     at_start: u64,
     /// How many the caller looks at (`at_start`, or fewer with a limit).
     budget: u64,
     seen: u64,
+    /// Read from the consumer and not yet settled (held or being moved).
+    unsettled_on_consumer: u64,
+    prefetch: u64,
+    /// Held on the consumer's channel, then on the reader's, in reading order.
     held: Vec<Acker>,
+    held_by_reader: Vec<Acker>,
     /// See [`DeadLetters::close`].
     quorum: bool,
 }
+
+/// How long the consumer may be silent before the reader asks the queue
+/// whether anything is left (someone else may have emptied it).
+const QUIET: Duration = Duration::from_millis(250);
 
 impl DeadLetters {
     /// Opens a reader on `P.dead` that will look at `max` messages at most.
     pub async fn open(broker: &Broker, max: Option<u64>) -> Result<Self, broker::Error> {
         let queue = broker.topology().dead();
         let len = u64::from(broker.queue_len(&queue).await?);
-        let reader = broker.reader().await?;
+        let budget = max.map_or(len, |m| m.min(len));
+        let quorum = broker.topology().queue_type == QueueType::Quorum;
+        // A quorum run that stops early reads on to the start length (see close).
+        let want = if quorum { len } else { budget };
+        let prefetch = u16::try_from(want.max(1)).unwrap_or(u16::MAX);
+        let consumer = broker.consume(&queue, prefetch).await?;
         Ok(Self {
-            reader,
+            consumer,
+            reader: None,
+            broker: broker.clone(),
             queue,
             at_start: len,
-            budget: max.map_or(len, |m| m.min(len)),
+            budget,
             seen: 0,
+            unsettled_on_consumer: 0,
+            prefetch: u64::from(prefetch),
             held: Vec::new(),
-            quorum: broker.topology().queue_type == QueueType::Quorum,
+            held_by_reader: Vec::new(),
+            quorum,
         })
     }
 
@@ -137,16 +173,47 @@ impl DeadLetters {
     }
 
     async fn get(&mut self) -> Result<Option<DeadLetter>, broker::Error> {
-        let Some((m, _remaining)) = self.reader.get(&self.queue).await? else {
-            return Ok(None);
-        };
-        self.seen += 1;
-        Ok(Some(DeadLetter::from_incoming(m)))
+        loop {
+            if let Some(reader) = &self.reader {
+                let Some((m, _remaining)) = reader.get(&self.queue).await? else {
+                    return Ok(None);
+                };
+                self.seen += 1;
+                return Ok(Some(DeadLetter::from_incoming(m, ReadBy::Get)));
+            }
+            match tokio::time::timeout(QUIET, self.consumer.next()).await {
+                Ok(Some(m)) => {
+                    self.seen += 1;
+                    self.unsettled_on_consumer += 1;
+                    return Ok(Some(DeadLetter::from_incoming(m, ReadBy::Consumer)));
+                }
+                Ok(None) => return Err(broker::Error::Unavailable),
+                Err(_) => {
+                    if self.unsettled_on_consumer >= self.prefetch {
+                        // Every prefetch slot holds a message: go on with basic.get.
+                        self.reader = Some(self.broker.reader().await?);
+                    } else if self.broker.queue_len(&self.queue).await? == 0 {
+                        return Ok(None);
+                    }
+                }
+            }
+        }
     }
 
     /// Keeps a dead letter unsettled until [`DeadLetters::close`] puts it back.
-    pub fn hold(&mut self, acker: Acker) {
-        self.held.push(acker);
+    pub fn hold(&mut self, acker: Acker, by: ReadBy) {
+        match by {
+            ReadBy::Consumer => self.held.push(acker),
+            ReadBy::Get => self.held_by_reader.push(acker),
+        }
+    }
+
+    /// A dead letter read by the consumer was settled elsewhere (moved): its
+    /// prefetch slot is free again.
+    pub fn settled(&mut self, by: ReadBy) {
+        if by == ReadBy::Consumer {
+            self.unsettled_on_consumer = self.unsettled_on_consumer.saturating_sub(1);
+        }
     }
 
     /// Puts every held dead letter back in `P.dead`, in its original order.
@@ -161,26 +228,39 @@ impl DeadLetters {
     /// arrived during the run stay behind them, unread. (Seen on RabbitMQ
     /// 3.10; the price is that `dlq list --limit 10` on a large quorum
     /// `P.dead` reads all of it.)
+    ///
+    /// Everything goes back with `basic.nack(multiple, requeue)`, which RabbitMQ
+    /// 4.3 does not count against the queue's delivery limit (a lost channel
+    /// would count).
     pub async fn close(mut self) {
-        if self.quorum && !self.held.is_empty() {
+        if self.quorum && !(self.held.is_empty() && self.held_by_reader.is_empty()) {
             while self.seen < self.at_start {
                 match self.get().await {
-                    Ok(Some(dl)) => self.hold(dl.acker),
+                    Ok(Some(dl)) => self.hold(dl.acker, dl.by),
                     // The channel is gone (and gave back what it held) or the
                     // queue is empty: nothing more to keep in order.
                     Ok(None) | Err(_) => break,
                 }
             }
         }
+        // No more deliveries; what the broker sent before the cancel is held too.
+        self.consumer.cancel().await;
+        while let Ok(Some(m)) = tokio::time::timeout(QUIET, self.consumer.next()).await {
+            self.held.push(m.acker);
+        }
         // Held messages are in reading order, so the last one has the highest
         // delivery tag: one multiple nack hands every held message back.
-        if let Some(last) = self.held.pop()
-            && let Err(e) = last.requeue_through().await
-        {
-            tracing::debug!(error = %e, "hand-back failed; closing the channel returns them");
+        for held in [&mut self.held, &mut self.held_by_reader] {
+            if let Some(last) = held.pop()
+                && let Err(e) = last.requeue_through().await
+            {
+                tracing::debug!(error = %e, "hand-back failed; closing the channel returns them");
+            }
         }
-        self.reader.close().await;
-        drop(self.held);
+        self.consumer.close().await;
+        if let Some(r) = self.reader {
+            r.close().await;
+        }
     }
 }
 
@@ -195,7 +275,7 @@ pub async fn read(
         match letters.next().await {
             Ok(Some(dl)) => {
                 visit(&dl);
-                letters.hold(dl.acker);
+                letters.hold(dl.acker, dl.by);
             }
             Ok(None) => break Ok(()),
             Err(e) => break Err(e),

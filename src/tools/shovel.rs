@@ -14,7 +14,8 @@ use std::time::Duration;
 
 use tokio::task::JoinSet;
 
-use super::dead_letters::{Counts, DeadLetter, DeadLetters, Row};
+use super::dead_letters::{Counts, DeadLetter, DeadLetters, ReadBy, Row};
+use crate::broker::Acker;
 use crate::broker::{self, Broker};
 use crate::cli::ShovelArgs;
 use crate::config::valid_source_name;
@@ -84,7 +85,7 @@ impl Default for Options {
         Self {
             limit: None,
             dry_run: false,
-            publish_timeout: Duration::from_secs(5),
+            publish_timeout: crate::worker::REPUBLISH_TIMEOUT,
             window: 64,
         }
     }
@@ -148,12 +149,20 @@ pub fn back_to_work(dead: &Envelope) -> Envelope {
     env
 }
 
+/// How one move ended; a dead letter whose copy was not confirmed comes back
+/// with it, to be handed back.
+type Moved = (Row, ReadBy, Result<(), (broker::Error, Option<Acker>)>);
+
 /// Publishes the copy with confirm, then acks the dead letter.
-async fn move_one(broker: Broker, dl: DeadLetter, timeout: Duration) -> Result<(), broker::Error> {
+async fn move_one(broker: Broker, dl: DeadLetter, timeout: Duration) -> Moved {
+    let (row, by) = (dl.row(), dl.by);
     let env = back_to_work(&dl.envelope);
     let work = broker.topology().work();
-    broker.publish_to_queue(&work, &env, None, timeout).await?;
-    dl.acker.ack().await
+    if let Err(e) = broker.publish_to_queue(&work, &env, None, timeout).await {
+        return (row, by, Err((e, Some(dl.acker))));
+    }
+    let acked = dl.acker.ack().await.map_err(|e| (e, None));
+    (row, by, acked)
 }
 
 /// Moves up to `opts.window` dead letters at once, in spawned tasks so that
@@ -162,32 +171,41 @@ struct Mover {
     broker: Broker,
     timeout: Duration,
     window: usize,
-    running: JoinSet<(Row, Result<(), broker::Error>)>,
+    running: JoinSet<Moved>,
     failed: Option<Error>,
+}
+
+/// What a settled move tells the run: the summary, the progress callback, and
+/// the reader (whose prefetch slot is free again, or which holds the dead
+/// letter again).
+struct Run<'a> {
+    summary: &'a mut Summary,
+    on_event: &'a mut (dyn FnMut(Event<'_>) + Send),
+    letters: &'a mut DeadLetters,
 }
 
 impl Mover {
     fn start(&mut self, dl: DeadLetter) {
-        let (broker, timeout, row) = (self.broker.clone(), self.timeout, dl.row());
-        self.running
-            .spawn(async move { (row, move_one(broker, dl, timeout).await) });
+        let (broker, timeout) = (self.broker.clone(), self.timeout);
+        self.running.spawn(move_one(broker, dl, timeout));
     }
 
     /// Waits for one move to end and records it; false when none is running.
-    async fn settle_one(
-        &mut self,
-        summary: &mut Summary,
-        on_event: &mut (dyn FnMut(Event<'_>) + Send),
-    ) -> bool {
+    async fn settle_one(&mut self, run: &mut Run<'_>) -> bool {
         let Some(joined) = self.running.join_next().await else {
             return false;
         };
         match joined {
-            Ok((row, Ok(()))) => {
-                summary.moved.add(&row.source, row.reason.as_deref());
-                on_event(Event::Moved(&row));
+            Ok((row, by, Ok(()))) => {
+                run.letters.settled(by);
+                run.summary.moved.add(&row.source, row.reason.as_deref());
+                (run.on_event)(Event::Moved(&row));
             }
-            Ok((_, Err(e))) => {
+            Ok((_, by, Err((e, acker)))) => {
+                match acker {
+                    Some(a) => run.letters.hold(a, by),
+                    None => run.letters.settled(by),
+                }
                 self.failed.get_or_insert(Error::Broker(e));
             }
             Err(e) => {
@@ -198,18 +216,14 @@ impl Mover {
     }
 
     /// Makes room for one more move (waits while the window is full).
-    async fn make_room(
-        &mut self,
-        summary: &mut Summary,
-        on_event: &mut (dyn FnMut(Event<'_>) + Send),
-    ) {
+    async fn make_room(&mut self, run: &mut Run<'_>) {
         while self.running.len() >= self.window.max(1) {
-            self.settle_one(summary, on_event).await;
+            self.settle_one(run).await;
         }
     }
 
-    async fn drain(&mut self, summary: &mut Summary, on_event: &mut (dyn FnMut(Event<'_>) + Send)) {
-        while self.settle_one(summary, on_event).await {}
+    async fn drain(&mut self, run: &mut Run<'_>) {
+        while self.settle_one(run).await {}
     }
 }
 
@@ -269,7 +283,7 @@ pub async fn shovel(
         if never || !filter.matches(&dl.envelope) {
             summary.kept += 1;
             summary.skipped += u64::from(never);
-            letters.hold(dl.acker);
+            letters.hold(dl.acker, dl.by);
             continue;
         }
         matched += 1;
@@ -277,17 +291,27 @@ pub async fn shovel(
             let row = dl.row();
             summary.would_move.add(&row.source, row.reason.as_deref());
             on_event(Event::WouldMove(&row));
-            letters.hold(dl.acker);
+            letters.hold(dl.acker, dl.by);
             continue;
         }
-        mover.make_room(&mut summary, on_event).await;
+        let mut run = Run {
+            summary: &mut summary,
+            on_event: &mut *on_event,
+            letters: &mut letters,
+        };
+        mover.make_room(&mut run).await;
         if mover.failed.is_some() {
-            letters.hold(dl.acker);
+            letters.hold(dl.acker, dl.by);
             break;
         }
         mover.start(dl);
     }
-    mover.drain(&mut summary, on_event).await;
+    let mut run = Run {
+        summary: &mut summary,
+        on_event: &mut *on_event,
+        letters: &mut letters,
+    };
+    mover.drain(&mut run).await;
     letters.close().await;
     match mover.failed {
         None => Ok(summary),
