@@ -76,6 +76,9 @@ pub enum Event {
     },
     /// A broker connection was lost.
     Disconnected { connection: String, node: String },
+    /// This worker became the active consumer of a partition (its done-log
+    /// read), or stopped being it.
+    Partition { partition: u32, active: bool },
 }
 
 /// Subscribers that fall further behind than this lose events (and are told so).
@@ -154,6 +157,11 @@ impl Events {
             node: node.to_string(),
             reconnect,
         });
+    }
+
+    pub fn partition(&self, partition: u32, active: bool) {
+        self.metrics.partition(partition, active);
+        self.send(|| Event::Partition { partition, active });
     }
 
     pub fn disconnected(&self, connection: &str, node: &str) {

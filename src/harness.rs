@@ -66,7 +66,11 @@ impl Sandbox {
     }
 
     pub fn topology(&self) -> Topology {
-        Topology::new(&self.settings.amqp, &Policy::new(&self.settings.retry))
+        Topology::new(
+            &self.settings.amqp,
+            &Policy::new(&self.settings.retry),
+            self.settings.dedup.retention,
+        )
     }
 
     /// A broker handle of the sandbox's own: connected and the topology declared

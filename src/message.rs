@@ -26,6 +26,9 @@ pub mod header {
     /// Epoch milliseconds before which the message must not be delivered (a
     /// Retry-After longer than the largest delay tier).
     pub const NOT_BEFORE: &str = "hookq-not-before";
+    /// With `amqp.partitions` > 1: the message's partition, which the return
+    /// exchange routes a delay tier's expired messages by.
+    pub const PARTITION: &str = "hookq-partition";
 }
 
 /// The idempotency key, `SOURCE:ID`.
@@ -131,6 +134,8 @@ pub struct Envelope {
     pub shovelled: u32,
     /// Epoch milliseconds; see [`header::NOT_BEFORE`].
     pub not_before: Option<u64>,
+    /// With partitions, the key's partition; see [`header::PARTITION`].
+    pub partition: Option<u32>,
 }
 
 impl Envelope {
@@ -160,6 +165,7 @@ impl Envelope {
             previous_dead_reason: None,
             shovelled: 0,
             not_before: None,
+            partition: None,
         }
     }
 }

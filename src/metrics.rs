@@ -37,6 +37,11 @@ pub struct TierLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PartitionLabels {
+    pub partition: u32,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ConnectionLabels {
     /// hookq-ingress, hookq-worker, ...
     pub connection: String,
@@ -71,6 +76,8 @@ pub struct Metrics {
     connected: Family<ConnectionLabels, Gauge>,
     /// Counted by the dedup store's thread.
     pub dedup_commits: Counter,
+    /// 1 for each partition this worker is the active consumer of.
+    partitions: Family<PartitionLabels, Gauge>,
 }
 
 impl Metrics {
@@ -130,6 +137,12 @@ impl Metrics {
             "1 for each broker connection and the node it is connected to",
             connected.clone(),
         );
+        let partitions = Family::<PartitionLabels, Gauge>::default();
+        registry.register(
+            "worker_partition_active",
+            "1 for each partition this worker delivers from (the active consumer), 0 once it stopped",
+            partitions.clone(),
+        );
         let dedup_commits = Counter::default();
         registry.register(
             "dedup_commits",
@@ -149,6 +162,7 @@ impl Metrics {
             reconnects,
             connected,
             dedup_commits,
+            partitions,
         })
     }
 
@@ -202,6 +216,12 @@ impl Metrics {
                 node: node.to_string(),
             })
             .set(1);
+    }
+
+    pub(crate) fn partition(&self, partition: u32, active: bool) {
+        self.partitions
+            .get_or_create(&PartitionLabels { partition })
+            .set(i64::from(active));
     }
 
     pub(crate) fn disconnected(&self, connection: &str, node: &str) {

@@ -64,7 +64,11 @@ impl System {
         stop: CancellationToken,
     ) -> anyhow::Result<Self> {
         settings.amqp.warn_if_classic_on_a_cluster();
-        let topology = Topology::new(&settings.amqp, &Policy::new(&settings.retry));
+        let topology = Topology::new(
+            &settings.amqp,
+            &Policy::new(&settings.retry),
+            settings.dedup.retention,
+        );
         let events = Events::new(Metrics::new(settings.sources.keys().cloned()));
         let urls = &settings.amqp.urls;
 

@@ -56,7 +56,7 @@ pub(super) async fn raw(
     let result = async {
         rawq.broker().await?;
         let topo = rawq.topology();
-        let (queue, exchange) = (topo.work(), topo.exchange());
+        let (queue, exchange) = (topo.work(0), topo.exchange());
         let url = rawq
             .settings
             .amqp
@@ -64,7 +64,7 @@ pub(super) async fn raw(
             .first()
             .context("amqp.url lists no broker")?;
         let env = sample(body, "raw");
-        let routing_key = crate::broker::Topology::routing_key(&env.source);
+        let routing_key = topo.routing_key(&env.source, &env.key);
         let cpu = cpu_time();
         let publish =
             baselines::publish_confirmed(url, &exchange, &routing_key, &env, n, args.connections)

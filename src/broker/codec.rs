@@ -74,6 +74,10 @@ pub fn encode(env: &Envelope) -> BasicProperties {
             AMQPValue::LongLongInt(i64::try_from(t).unwrap_or(i64::MAX)),
         );
     }
+    if let Some(i) = env.partition {
+        // Text, as the return exchange's bindings match it.
+        put(&mut h, header::PARTITION, ls(i.to_string()));
+    }
     if env.shovelled > 0 {
         put(
             &mut h,
@@ -240,6 +244,7 @@ pub fn decode(props: &BasicProperties, body: Bytes) -> Result<Envelope, DecodeEr
             .get(header::NOT_BEFORE)
             .and_then(number)
             .and_then(|n| u64::try_from(n).ok()),
+        partition: text(h, header::PARTITION).and_then(|p| p.trim().parse().ok()),
     })
 }
 
@@ -302,6 +307,7 @@ mod tests {
         env.previous_dead_reason = Some("max_attempts".into());
         env.shovelled = 2;
         env.not_before = Some(1_700_000_000_000);
+        env.partition = Some(7);
         let back = decode(&encode(&env), env.body.clone()).unwrap();
         assert_eq!(back, env);
         let a: Vec<_> = back.headers.get_all("x-a").iter().collect();

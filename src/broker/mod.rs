@@ -13,6 +13,7 @@
 
 pub mod codec;
 mod consume;
+mod done_log;
 mod session;
 mod supervisor;
 pub mod topology;
@@ -26,13 +27,14 @@ use lapin::options::{
     BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ExchangeDeleteOptions,
     QueueDeclareOptions, QueueDeleteOptions,
 };
-use lapin::types::{FieldTable, ShortString};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
 use tokio::sync::{Mutex, Notify, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 pub use codec::DecodeError;
 pub use consume::{Acker, Consumer, Incoming, Reader};
+pub use done_log::{DoneReader, DoneRecord};
 pub use topology::{Declared, Topology};
 
 use crate::config::AmqpUrl;
@@ -251,8 +253,8 @@ impl Broker {
     /// Publishes a webhook to the topic exchange as the ingress does.
     pub async fn publish_webhook(&self, env: &Envelope, timeout: Duration) -> Result<(), Error> {
         let ex = self.inner.topology.exchange();
-        self.publish(&ex, &Topology::routing_key(&env.source), env, None, timeout)
-            .await
+        let routing_key = self.inner.topology.routing_key(&env.source, &env.key);
+        self.publish(&ex, &routing_key, env, None, timeout).await
     }
 
     /// Publishes straight into a queue (through the default exchange), with an
@@ -275,6 +277,31 @@ impl Broker {
 
     /// Starts a consumer with manual acks and `prefetch` unacked messages at most.
     pub async fn consume(&self, queue: &str, prefetch: u16) -> Result<Consumer, Error> {
+        self.consume_with(queue, prefetch, FieldTable::default())
+            .await
+    }
+
+    /// A consumer on a partition's work queue with a priority: with single
+    /// active consumer, RabbitMQ 4.x makes the highest-priority consumer the
+    /// active one (and switches to a higher one once the current one has
+    /// settled what it holds); 3.10 ignores it and keeps the first registered.
+    pub async fn consume_prioritised(
+        &self,
+        queue: &str,
+        prefetch: u16,
+        priority: i32,
+    ) -> Result<Consumer, Error> {
+        let mut args = FieldTable::default();
+        args.insert("x-priority".into(), AMQPValue::LongInt(priority));
+        self.consume_with(queue, prefetch, args).await
+    }
+
+    async fn consume_with(
+        &self,
+        queue: &str,
+        prefetch: u16,
+        args: FieldTable,
+    ) -> Result<Consumer, Error> {
         let session = self.session()?;
         let channel = session.connection.create_channel().await?;
         channel
@@ -286,7 +313,7 @@ impl Broker {
                 queue.into(),
                 tag.as_str().into(),
                 BasicConsumeOptions::default(),
-                FieldTable::default(),
+                args,
             )
             .await?;
         Ok(Consumer {

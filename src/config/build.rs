@@ -8,7 +8,8 @@ use std::time::Duration;
 use super::file;
 use super::{
     AmqpSettings, AmqpUrl, DedupSettings, Error, IngressSettings, MAX_MS, RetrySettings,
-    SchemeKind, Secret, Settings, SourceSettings, TargetUrl, WorkerSettings, valid_source_name,
+    SchemeKind, Secret, Settings, SourceSettings, TargetUrl, WorkerPartitions, WorkerSettings,
+    valid_source_name,
 };
 
 fn ms(v: u64) -> Duration {
@@ -42,6 +43,38 @@ fn at_least_1<T: PartialOrd + From<u8>>(key: &str, v: T) -> Result<T, Error> {
 fn listen(key: &str, v: &str) -> Result<SocketAddr, Error> {
     v.parse()
         .map_err(|_| Error::new(key, format!("{v:?} is not an address like 127.0.0.1:8080")))
+}
+
+/// Partitions beyond this are a typo (and a queue and a stream each).
+const MAX_PARTITIONS: u32 = 1024;
+
+fn partitions(p: &file::Partitions, n: u32) -> Result<WorkerPartitions, Error> {
+    let key = "worker.partitions";
+    match p {
+        file::Partitions::All(t) if t.trim() == "all" => Ok(WorkerPartitions::All),
+        file::Partitions::All(t) => Err(Error::new(key, format!("{t:?} is not \"all\""))),
+        file::Partitions::List(v) => {
+            if v.is_empty() {
+                return Err(Error::new(key, "list at least one partition, or \"all\""));
+            }
+            let mut seen = std::collections::BTreeSet::new();
+            for &i in v {
+                if i >= n {
+                    return Err(Error::new(
+                        key,
+                        format!(
+                            "partition {i} does not exist: amqp.partitions is {n} (0 to {})",
+                            n - 1
+                        ),
+                    ));
+                }
+                if !seen.insert(i) {
+                    return Err(Error::new(key, format!("partition {i} is listed twice")));
+                }
+            }
+            Ok(WorkerPartitions::Only(v.clone()))
+        }
+    }
 }
 
 fn target(key: &str, v: Option<&str>) -> Result<Option<TargetUrl>, Error> {
@@ -81,7 +114,14 @@ pub(super) fn settings(
         prefetch: at_least_1("amqp.prefetch", a.prefetch)?,
         delivery_limit: at_least_1("amqp.delivery_limit", a.delivery_limit)?,
         management_port: at_least_1("amqp.management_port", a.management_port)?,
+        partitions: at_least_1("amqp.partitions", a.partitions)?,
     };
+    if amqp.partitions > MAX_PARTITIONS {
+        return Err(Error::new(
+            "amqp.partitions",
+            format!("at most {MAX_PARTITIONS} partitions"),
+        ));
+    }
 
     let i = &raw.ingress;
     let ingress = IngressSettings {
@@ -100,6 +140,7 @@ pub(super) fn settings(
         timeout: check_ms("worker.timeout_ms", w.timeout_ms, 1)?,
         metrics_listen: listen("worker.metrics_listen", &w.metrics_listen)?,
         grace: check_ms("worker.grace_ms", w.grace_ms, 0)?,
+        partitions: partitions(&w.partitions, amqp.partitions)?,
     };
 
     let r = &raw.retry;
@@ -269,6 +310,7 @@ impl Settings {
                 prefetch: self.amqp.prefetch,
                 delivery_limit: self.amqp.delivery_limit,
                 management_port: self.amqp.management_port,
+                partitions: self.amqp.partitions,
             },
             ingress: file::Ingress {
                 listen: self.ingress.listen.to_string(),
@@ -284,6 +326,10 @@ impl Settings {
                 timeout_ms: to_ms(self.worker.timeout),
                 metrics_listen: self.worker.metrics_listen.to_string(),
                 grace_ms: to_ms(self.worker.grace),
+                partitions: match &self.worker.partitions {
+                    WorkerPartitions::All => file::Partitions::All("all".into()),
+                    WorkerPartitions::Only(v) => file::Partitions::List(v.clone()),
+                },
             },
             retry: file::Retry {
                 max_attempts: self.retry.max_attempts,

@@ -32,6 +32,7 @@ pub(super) struct Amqp {
     pub prefetch: u16,
     pub delivery_limit: u32,
     pub management_port: u16,
+    pub partitions: u32,
 }
 
 impl Default for Amqp {
@@ -66,6 +67,36 @@ pub(super) struct Worker {
     pub timeout_ms: u64,
     pub metrics_listen: String,
     pub grace_ms: u64,
+    pub partitions: Partitions,
+}
+
+/// `worker.partitions`: `"all"`, or a list of indexes (from the environment a
+/// comma-separated string, `"0,3,5"`).
+#[derive(Debug, Clone, Serialize)]
+#[serde(untagged)]
+pub(super) enum Partitions {
+    All(String),
+    List(Vec<u32>),
+}
+
+impl<'de> Deserialize<'de> for Partitions {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(match ListOr::<u32>::deserialize(d)? {
+            ListOr::List(v) => Self::List(v),
+            ListOr::One(n) => Self::List(vec![n]),
+            ListOr::Text(t) if t.trim() == "all" => Self::All(t),
+            ListOr::Text(t) => Self::List(
+                t.split(',')
+                    .map(|p| p.trim().parse::<u32>())
+                    .collect::<Result<_, _>>()
+                    .map_err(|_| {
+                        serde::de::Error::custom(format!(
+                            "{t:?} is neither \"all\" nor a list of partition indexes"
+                        ))
+                    })?,
+            ),
+        })
+    }
 }
 
 impl Default for Worker {

@@ -105,6 +105,26 @@ pub struct AmqpSettings {
     /// Not in the SPEC's table: the port of each node's management API
     /// (`hookq topology` asks it for quorum queues' members and leader).
     pub management_port: u16,
+    /// Work queues the keys are spread over (`P.work.<i>` when more than 1).
+    pub partitions: u32,
+}
+
+/// Which partitions a worker consumes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WorkerPartitions {
+    All,
+    /// Indexes, each below `amqp.partitions`, without repeats.
+    Only(Vec<u32>),
+}
+
+impl WorkerPartitions {
+    /// The indexes this worker consumes out of `n`.
+    pub fn of(&self, n: u32) -> Vec<u32> {
+        match self {
+            Self::All => (0..n).collect(),
+            Self::Only(v) => v.iter().copied().filter(|i| *i < n).collect(),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -127,6 +147,7 @@ pub struct WorkerSettings {
     /// Not in the SPEC's table: how long a stop waits for in-flight messages
     /// before it hands the rest back.
     pub grace: Duration,
+    pub partitions: WorkerPartitions,
 }
 
 #[derive(Debug, Clone)]
@@ -177,6 +198,7 @@ impl Default for AmqpSettings {
             prefetch: 64,
             delivery_limit: 20,
             management_port: 15672,
+            partitions: 1,
         }
     }
 }
@@ -202,6 +224,7 @@ impl Default for WorkerSettings {
             timeout: ms(10_000),
             metrics_listen: SocketAddr::from(([127, 0, 0, 1], 9091)),
             grace: ms(20_000),
+            partitions: WorkerPartitions::All,
         }
     }
 }

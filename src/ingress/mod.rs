@@ -176,7 +176,8 @@ async fn accept(app: &App, source: &str, req: Request) -> Result<Response, Error
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
     let headers = forwardable_headers(parts.headers);
-    let env = Envelope::received(source, key, body, content_type, headers);
+    let mut env = Envelope::received(source, key, body, content_type, headers);
+    env.partition = app.broker.topology().partition_header(&env.key);
 
     let started = Instant::now();
     app.broker

@@ -204,7 +204,13 @@ pub async fn shovel(settings: &Settings, args: &ShovelArgs) -> anyhow::Result<Ex
         ..Options::default()
     };
     let broker = super::connect(settings, "hookq-shovel").await?;
-    let (dead, work) = (broker.topology().dead(), broker.topology().work());
+    let topo = broker.topology();
+    let work = if topo.partitions > 1 {
+        format!("{}.work.<partition>", topo.prefix)
+    } else {
+        topo.work(0)
+    };
+    let dead = topo.dead();
     let mut progress = ShovelProgress::new(opts.dry_run);
     let result = shovel::shovel(&broker, &filter, &opts, &mut |e| progress.on(e)).await;
     progress.bar.finish();

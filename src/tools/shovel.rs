@@ -156,8 +156,10 @@ type Moved = (Row, ReadBy, Result<(), (broker::Error, Option<Acker>)>);
 /// Publishes the copy with confirm, then acks the dead letter.
 async fn move_one(broker: Broker, dl: DeadLetter, timeout: Duration) -> Moved {
     let (row, by) = (dl.row(), dl.by);
-    let env = back_to_work(&dl.envelope);
-    let work = broker.topology().work();
+    let mut env = back_to_work(&dl.envelope);
+    // Back into its key's partition, whatever the dead letter says.
+    env.partition = broker.topology().partition_header(&env.key);
+    let work = broker.topology().work_for(&env.key);
     if let Err(e) = broker.publish_to_queue(&work, &env, None, timeout).await {
         return (row, by, Err((e, Some(dl.acker))));
     }

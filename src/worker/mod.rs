@@ -12,6 +12,7 @@
 //! `worker.timeout_ms`, and a 2xx is recorded), and closes the channel (which
 //! returns any prefetched, untouched messages to the queue).
 
+mod done_log;
 mod step;
 
 use std::collections::BTreeMap;
@@ -32,6 +33,7 @@ use crate::delivery::Delivery;
 use crate::events::Events;
 use crate::message::Envelope;
 use crate::retry::{DelayTier, Policy};
+use done_log::DoneLog;
 
 /// How long a republish (to a delay tier or `P.dead`) waits for its confirm.
 /// The message is held meanwhile, so a long wait costs nothing but a slot; a
@@ -52,9 +54,51 @@ pub struct Config<'a> {
 pub struct Worker {
     broker: Broker,
     step: Arc<Step>,
+    /// The partitions this worker consumes (just 0 without partitions).
+    partitions: Vec<u32>,
     prefetch: u16,
     concurrency: usize,
     grace: Duration,
+}
+
+/// How long, at most, a worker that starts waits before its lowest-scored
+/// partition's subscription (see [`Worker::subscription_order`]).
+const STAGGER: Duration = Duration::from_millis(1500);
+
+/// One partition's consumer of the current connection.
+struct Partition {
+    index: u32,
+    consumer: broker::Consumer,
+    /// Whether the partition's done-log has been read since this subscription
+    /// (the first message it delivers means this worker is the active one).
+    caught_up: Arc<tokio::sync::OnceCell<()>>,
+}
+
+/// Reads partition `i`'s done-log before the first message from it is
+/// processed; concurrent messages wait for the same read. False when the read
+/// failed (the message goes back; a later one tries again).
+async fn catch_up_once(
+    step: &Step,
+    log: &DoneLog,
+    i: u32,
+    caught_up: &tokio::sync::OnceCell<()>,
+) -> bool {
+    let read = caught_up
+        .get_or_try_init(|| async {
+            let started = std::time::Instant::now();
+            let applied = log.catch_up(i).await?;
+            tracing::info!(partition = i, applied, took = ?started.elapsed(), "active on this partition: its done-log is read, delivering");
+            step.events.partition(i, true);
+            Ok::<(), done_log::CatchUpError>(())
+        })
+        .await;
+    match read {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(partition = i, error = %e, "could not read the partition's done-log; handing the message back");
+            false
+        }
+    }
 }
 
 impl Worker {
@@ -74,9 +118,11 @@ impl Worker {
             shutdown,
             abandon: CancellationToken::new(),
         };
+        let partitions = config.worker.partitions.of(config.amqp.partitions.max(1));
         Ok(Arc::new(Self {
             broker,
             step: Arc::new(step),
+            partitions,
             prefetch: config.amqp.prefetch,
             concurrency: config.worker.concurrency,
             grace: config.worker.grace,
@@ -99,56 +145,92 @@ impl Worker {
 
     /// Consumes until [`Worker::stop`], then drains within the grace period.
     pub async fn run(self: Arc<Self>) -> anyhow::Result<()> {
-        let queue = self.broker.topology().work();
         let shutdown = self.step.shutdown.clone();
         let tracker = TaskTracker::new();
         let background = tracker.spawn({
             let w = self.clone();
             async move { w.housekeeping().await }
         });
+        let topo = self.broker.topology().clone();
+        let done_log = (topo.partitions > 1).then(|| {
+            Arc::new(DoneLog::start(
+                self.broker.clone(),
+                self.step.dedup.store().clone(),
+            ))
+        });
         let out = Arc::new(Out {
             broker: self.broker.clone(),
+            done_log: done_log.clone(),
         });
+        let mut first_connect = true;
 
-        'connection: while self.broker.wait_ready(&shutdown).await {
-            let mut consumer = match self.broker.consume(&queue, self.prefetch).await {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot start consuming; retrying");
-                    tokio::select! {
-                        _ = shutdown.cancelled() => break,
-                        _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
-                    }
-                }
-            };
-            tracing::info!(%queue, prefetch = self.prefetch, concurrency = self.concurrency, "consuming");
-            loop {
-                let msg = tokio::select! {
+        while self.broker.wait_ready(&shutdown).await {
+            // Cancelled when any of this connection's consumers ends.
+            let generation = CancellationToken::new();
+            let mut loops = tokio::task::JoinSet::new();
+            for (i, delay) in self.subscription_order(first_connect) {
+                tokio::select! {
                     _ = shutdown.cancelled() => break,
-                    m = consumer.next() => m,
+                    _ = generation.cancelled() => break,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                let queue = topo.work(i);
+                let consumer = match self
+                    .broker
+                    .consume_prioritised(&queue, self.prefetch, self.priority(i))
+                    .await
+                {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::warn!(%queue, error = %e, "cannot start consuming; retrying");
+                        generation.cancel();
+                        break;
+                    }
                 };
-                let Some(msg) = msg else {
-                    // Channel or connection lost: the messages it delivered are the
-                    // broker's again (their deliveries finish and record what they
-                    // can; a copy that comes back waits for them). Consume anew.
-                    consumer.close().await;
-                    continue 'connection;
+                tracing::info!(%queue, prefetch = self.prefetch, concurrency = self.concurrency, "consuming");
+                let part = Partition {
+                    index: i,
+                    consumer,
+                    caught_up: Arc::new(tokio::sync::OnceCell::new()),
                 };
-                let (step, out) = (self.step.clone(), out.clone());
-                tracker.spawn(async move {
-                    step.events.metrics().in_flight.inc();
-                    let span = match &msg.envelope {
-                        Ok(env) | Err((_, env)) => crate::message::span(env),
-                    };
-                    step.run(message(msg), out.as_ref()).instrument(span).await;
-                    step.events.metrics().in_flight.dec();
-                });
+                loops.spawn(self.clone().consume(
+                    part,
+                    out.clone(),
+                    done_log.clone(),
+                    generation.clone(),
+                    tracker.clone(),
+                ));
             }
-            // Stopping.
-            consumer.cancel().await;
-            self.drain(&tracker).await;
-            consumer.close().await;
-            break;
+            first_connect = false;
+            tokio::select! {
+                _ = shutdown.cancelled() => {}
+                _ = generation.cancelled() => {}
+            }
+            generation.cancel();
+            let mut consumers = Vec::new();
+            while let Some(r) = loops.join_next().await {
+                if let Ok(part) = r {
+                    consumers.push(part);
+                }
+            }
+            if shutdown.is_cancelled() {
+                for part in &consumers {
+                    part.consumer.cancel().await;
+                }
+                self.drain(&tracker).await;
+                for part in consumers {
+                    self.step.events.partition(part.index, false);
+                    part.consumer.close().await;
+                }
+                break;
+            }
+            // Channel or connection lost: the messages its consumers delivered
+            // are the broker's again (their deliveries finish and record what
+            // they can; a copy that comes back waits for them). Consume anew.
+            for part in consumers {
+                self.step.events.partition(part.index, false);
+                part.consumer.close().await;
+            }
         }
         self.drain(&tracker).await;
         background.abort();
@@ -156,6 +238,97 @@ impl Worker {
         Ok(())
     }
 
+    /// This worker's partitions, in the order to subscribe, each with the wait
+    /// before it. With partitions, on the first connection, a worker
+    /// subscribes sooner to the partitions it scores higher (rendezvous
+    /// hashing on its holder id): RabbitMQ 3.10 makes the first consumer
+    /// registered the active one, so workers that start together spread the
+    /// partitions between them.
+    fn subscription_order(&self, first_connect: bool) -> Vec<(u32, Duration)> {
+        let mut order: Vec<(u32, u32)> = self
+            .partitions
+            .iter()
+            .map(|&i| (i, self.score(i)))
+            .collect();
+        order.sort_by(|a, b| b.1.cmp(&a.1));
+        order
+            .into_iter()
+            .map(|(i, score)| {
+                let wait = if first_connect && self.partitions.len() > 1 {
+                    let behind = f64::from(u32::MAX - score) / f64::from(u32::MAX);
+                    STAGGER.mul_f64(behind)
+                } else {
+                    Duration::ZERO
+                };
+                (i, wait)
+            })
+            .collect()
+    }
+
+    /// This worker's rendezvous score for partition `i`.
+    fn score(&self, i: u32) -> u32 {
+        use sha2::Digest;
+        let mut h = sha2::Sha256::new();
+        h.update(self.step.dedup.store().holder().as_bytes());
+        h.update(i.to_be_bytes());
+        let d = h.finalize();
+        u32::from_be_bytes([d[0], d[1], d[2], d[3]])
+    }
+
+    /// The consumer priority on partition `i`: RabbitMQ 4.x makes the highest
+    /// one the active consumer, so the partitions spread by the same scores.
+    fn priority(&self, i: u32) -> i32 {
+        i32::try_from(self.score(i) >> 1).unwrap_or(0)
+    }
+
+    /// One partition's consumer: each message is processed in its own task,
+    /// after the partition's done-log has been read (once per subscription).
+    async fn consume(
+        self: Arc<Self>,
+        mut part: Partition,
+        out: Arc<Out>,
+        done_log: Option<Arc<DoneLog>>,
+        generation: CancellationToken,
+        tracker: TaskTracker,
+    ) -> Partition {
+        let shutdown = self.step.shutdown.clone();
+        loop {
+            let msg = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = generation.cancelled() => break,
+                m = part.consumer.next() => m,
+            };
+            let Some(msg) = msg else {
+                generation.cancel();
+                break;
+            };
+            let (step, out) = (self.step.clone(), out.clone());
+            let (caught_up, done_log, index) =
+                (part.caught_up.clone(), done_log.clone(), part.index);
+            tracker.spawn(async move {
+                step.events.metrics().in_flight.inc();
+                let span = match &msg.envelope {
+                    Ok(env) | Err((_, env)) => crate::message::span(env),
+                };
+                async {
+                    let ready = match &done_log {
+                        Some(log) => catch_up_once(&step, log, index, &caught_up).await,
+                        None => true,
+                    };
+                    let msg = message(msg);
+                    if ready {
+                        step.run(msg, out.as_ref()).await;
+                    } else {
+                        msg.settle.requeue().await;
+                    }
+                }
+                .instrument(span)
+                .await;
+                step.events.metrics().in_flight.dec();
+            });
+        }
+        part
+    }
     async fn drain(&self, tracker: &TaskTracker) {
         tracker.close();
         let in_flight = self.step.events.metrics().in_flight.get();
@@ -242,6 +415,8 @@ impl Settle for Handle {
 /// The broker side of [`Republish`].
 struct Out {
     broker: Broker,
+    /// With partitions.
+    done_log: Option<Arc<DoneLog>>,
 }
 
 impl Republish for Out {
@@ -259,5 +434,15 @@ impl Republish for Out {
 
     async fn to_dead(&self, env: &Envelope) -> Result<(), broker::Error> {
         self.broker.publish_dead(env, REPUBLISH_TIMEOUT).await
+    }
+
+    async fn done(&self, env: &Envelope) -> Result<(), broker::Error> {
+        match &self.done_log {
+            Some(log) => {
+                let partition = self.broker.topology().partition(&env.key);
+                log.record(partition, &env.key).await
+            }
+            None => Ok(()),
+        }
     }
 }

@@ -52,6 +52,9 @@ pub trait Republish: Send + Sync {
         expiration: Duration,
     ) -> impl Future<Output = Result<(), broker::Error>> + Send;
     fn to_dead(&self, env: &Envelope) -> impl Future<Output = Result<(), broker::Error>> + Send;
+    /// With partitions: appends the key to its partition's done-log (with
+    /// confirm), after the 2xx is recorded and before the ack.
+    fn done(&self, env: &Envelope) -> impl Future<Output = Result<(), broker::Error>> + Send;
 }
 
 /// Polling a claim that a live holder works on: from this, doubling to [`BUSY_MAX`].
@@ -202,6 +205,13 @@ impl Step {
             Ok(status) => {
                 tracing::debug!(status, "delivered");
                 if !self.record_done(&held).await {
+                    return self.hand_back(msg).await;
+                }
+                if let Err(e) = out.done(&env).await {
+                    // Recorded here, not in the done-log: a copy that comes back
+                    // to this host is a duplicate; one that goes to another host
+                    // after a takeover may be delivered again.
+                    tracing::warn!(error = %e, "could not append the key to its done-log; handing the message back");
                     return self.hand_back(msg).await;
                 }
                 if msg.lost() {

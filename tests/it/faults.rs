@@ -199,7 +199,7 @@ async fn a_not_before_in_the_far_future_is_clamped() {
     msg.not_before = Some(253_402_300_799_000);
     let broker = env.broker().await;
     broker
-        .publish_to_queue(&env.topology().work(), &msg, None, T)
+        .publish_to_queue(&env.topology().work(0), &msg, None, T)
         .await
         .unwrap();
     wait_until(T, "delivered after at most max_delay_ms", || async {

@@ -152,7 +152,7 @@ async fn sigterm_under_load_loses_nothing_and_doubles_nothing() {
     .await;
     let c2 = Client::new(up2.addr);
     wait_until(T, "work queue drained", || async {
-        env.queue_len(&env.topology().work()).await == 0
+        env.queue_len(&env.topology().work(0)).await == 0
     })
     .await;
     let doubled: HashMap<_, _> = target
@@ -281,7 +281,7 @@ async fn a_2xx_after_the_grace_period_is_recorded_not_handed_back() {
     let ok = target.successes();
     assert!(ok.values().all(|n| *n == 1) && ok.len() == 8, "{ok:?}");
     // Recorded and acked: nothing was handed back for a second delivery.
-    assert_eq!(env.queue_len(&env.topology().work()).await, 0);
+    assert_eq!(env.queue_len(&env.topology().work(0)).await, 0);
 }
 
 /// This process's threads now.

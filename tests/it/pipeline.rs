@@ -80,7 +80,7 @@ async fn delivered_on_first_try(q: QueueType) {
         "credentials for the ingress are not forwarded"
     );
     wait_until(T, "work queue empty", || async {
-        env.queue_len(&env.topology().work()).await == 0
+        env.queue_len(&env.topology().work(0)).await == 0
     })
     .await;
     assert!(env.dead_letters().await.is_empty());
@@ -159,7 +159,7 @@ async fn failures_travel_through_the_delay_tiers_then_succeed(q: QueueType) {
         );
     }
     wait_until(T, "work queue empty", || async {
-        env.queue_len(&env.topology().work()).await == 0
+        env.queue_len(&env.topology().work(0)).await == 0
     })
     .await;
     let topo = env.topology();
@@ -287,7 +287,7 @@ async fn unroutable_publish_is_not_accepted() {
     let (conn, ch) = env.raw_channel().await;
     let topo = env.topology();
     ch.queue_unbind(
-        topo.work().as_str().into(),
+        topo.work(0).as_str().into(),
         topo.exchange().as_str().into(),
         "#".into(),
         Default::default(),
@@ -333,13 +333,13 @@ async fn topology_is_idempotent_and_refuses_changed_arguments_clearly() {
     let mut changed = env.settings.clone();
     changed.amqp.delivery_limit = 7;
     let policy = hookq::retry::Policy::new(&changed.retry);
-    let topo = hookq::broker::Topology::new(&changed.amqp, &policy);
+    let topo = hookq::broker::Topology::new(&changed.amqp, &policy, changed.dedup.retention);
     let err = Broker::connect(&env.settings.amqp.urls, "test", topo)
         .await
         .err()
         .expect("changed arguments must be refused");
     let text = err.to_string();
-    assert!(text.contains(&env.topology().work()), "{text}");
+    assert!(text.contains(&env.topology().work(0)), "{text}");
     assert!(text.contains("x-delivery-limit"), "{text}");
     assert!(text.contains("delete_queue"), "says what to do: {text}");
 }

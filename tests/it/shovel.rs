@@ -227,7 +227,7 @@ async fn each_filter_moves_exactly_the_matching_ones(q: QueueType) {
     })
     .await;
     wait_until(T, "work queue drained", || async {
-        f.env.queue_len(&f.env.topology().work()).await == 0
+        f.env.queue_len(&f.env.topology().work(0)).await == 0
     })
     .await;
     let ok = f.target.successes();
@@ -252,7 +252,7 @@ async fn limit_moves_the_first_ones_as_fresh_work_with_their_history() {
     f.assert_left(&moved).await;
 
     // The copies, read in place from P.work.
-    let work = f.env.topology().work();
+    let work = f.env.topology().work(0);
     let reader = broker.reader().await.unwrap();
     let mut copies = HashMap::new();
     while let Some((m, _)) = reader.get(&work).await.unwrap() {
@@ -481,7 +481,7 @@ async fn a_killed_shovel_loses_nothing_and_a_rerun_finishes() {
     const N: usize = 3000;
     let env = TestEnv::new("kill");
     let broker = env.broker().await;
-    let (dead, work) = (env.topology().dead(), env.topology().work());
+    let (dead, work) = (env.topology().dead(), env.topology().work(0));
     let originals = publish_dead_letters(&broker, N).await;
     assert_eq!(broker.queue_len(&dead).await.unwrap() as usize, N);
 
@@ -539,7 +539,7 @@ async fn a_refused_move_stops_the_run_and_a_rerun_finishes() {
     // wants the broker's "unroutable" answer.
     let env = TestEnv::new("refused").with_queue_type(QueueType::Classic);
     let broker = env.broker().await;
-    let (dead, work) = (env.topology().dead(), env.topology().work());
+    let (dead, work) = (env.topology().dead(), env.topology().work(0));
     publish_dead_letters(&broker, N).await;
     let child = env
         .command(&["shovel"], "warn")
@@ -700,7 +700,7 @@ async fn the_management_ui_shows_every_queue_with_its_arguments() {
         assert_eq!(v["durable"], true, "{q}");
         shown.insert(q, v["arguments"].clone());
     }
-    let work = &shown[&topo.work()];
+    let work = &shown[&topo.work(0)];
     assert_eq!(work["x-queue-type"], "quorum");
     assert_eq!(work["x-dead-letter-exchange"], topo.dead());
     assert_eq!(work["x-delivery-limit"], 20);
@@ -712,7 +712,7 @@ async fn the_management_ui_shows_every_queue_with_its_arguments() {
         assert_eq!(a["x-queue-type"], "quorum", "{queue}");
         assert_eq!(a["x-message-ttl"], tier.0.as_millis() as u64);
         assert_eq!(a["x-dead-letter-exchange"], "");
-        assert_eq!(a["x-dead-letter-routing-key"], topo.work());
+        assert_eq!(a["x-dead-letter-routing-key"], topo.work(0));
         assert_eq!(a["x-dead-letter-strategy"], "at-least-once");
     }
     let dead = &shown[&topo.dead()];
@@ -746,7 +746,7 @@ async fn invalid_dead_letters_are_skipped_never_moved() {
     for i in 0..5 {
         ch.basic_publish(
             "".into(),
-            env.topology().work().as_str().into(),
+            env.topology().work(0).as_str().into(),
             Default::default(),
             format!("garbage {i}").as_bytes(),
             lapin::BasicProperties::default(),
@@ -769,7 +769,7 @@ async fn invalid_dead_letters_are_skipped_never_moved() {
         assert_eq!((s.moved.total(), s.kept, s.skipped), (0, 5, 5));
         settled(&broker, 5).await;
     }
-    assert_eq!(env.queue_len(&env.topology().work()).await, 0);
+    assert_eq!(env.queue_len(&env.topology().work(0)).await, 0);
     assert_eq!(target.count(), 0, "the target never sees garbage");
 }
 

@@ -77,6 +77,9 @@ impl Republish for FakeOut {
         self.dead.lock().unwrap().push(env.clone());
         Ok(())
     }
+    async fn done(&self, _env: &Envelope) -> Result<(), broker::Error> {
+        Ok(())
+    }
 }
 
 struct Rig {

@@ -81,11 +81,25 @@ enum Op {
         older_than_ms: i64,
     },
     Probe,
+    /// Keys another host delivered (from a done-log), done at `at_ms`.
+    DoneMany {
+        keys: Vec<String>,
+        at_ms: i64,
+    },
+    /// How far this host has applied a done-log.
+    Applied {
+        log: String,
+    },
+    SetApplied {
+        log: String,
+        next: i64,
+    },
 }
 
 enum Answer {
     Claim(Claim),
     Count(usize),
+    Offset(Option<u64>),
     Unit,
 }
 
@@ -347,6 +361,39 @@ impl Store {
             Answer::Count(n) => Ok(n),
             _ => Ok(0),
         }
+    }
+
+    /// Records keys delivered elsewhere (read from a done-log) as done at
+    /// `at_ms`, a record never made younger than it is.
+    pub async fn done_many(&self, keys: Vec<String>, at_ms: u64) -> Result<(), Error> {
+        let at_ms = i64::try_from(at_ms).unwrap_or(i64::MAX);
+        self.call(Op::DoneMany { keys, at_ms }, now_ms())
+            .await
+            .map(|_| ())
+    }
+
+    /// The offset of the first record of done-log `log` this host has not
+    /// applied yet (`None`: none applied).
+    pub async fn applied(&self, log: &str) -> Result<Option<u64>, Error> {
+        match self.call(Op::Applied { log: log.into() }, now_ms()).await? {
+            Answer::Offset(o) => Ok(o),
+            _ => Ok(None),
+        }
+    }
+
+    /// Notes that done-log `log` is applied up to (not including) `next`;
+    /// never moves back (another worker on the host may be further).
+    pub async fn set_applied(&self, log: &str, next: u64) -> Result<(), Error> {
+        let next = i64::try_from(next).unwrap_or(i64::MAX);
+        self.call(
+            Op::SetApplied {
+                log: log.into(),
+                next,
+            },
+            now_ms(),
+        )
+        .await
+        .map(|_| ())
     }
 
     /// Checks that the file can be written now (updates health either way).

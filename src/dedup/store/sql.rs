@@ -34,6 +34,11 @@ pub(super) fn open(path: &Path) -> rusqlite::Result<Connection> {
          CREATE TABLE IF NOT EXISTS holders (
              holder         TEXT PRIMARY KEY,
              lease_until_ms INTEGER NOT NULL
+         ) WITHOUT ROWID;
+         -- How far this host applied each partition's done-log (a stream).
+         CREATE TABLE IF NOT EXISTS done_logs (
+             log  TEXT PRIMARY KEY,
+             next INTEGER NOT NULL
          ) WITHOUT ROWID;",
     )?;
     // Columns added after the first release; a file written by it gains them here.
@@ -190,6 +195,32 @@ fn run_op(c: &Connection, holder: &str, op: &Op, now: i64) -> rusqlite::Result<A
         Op::Probe => {
             // A write that changes nothing proves the file is writable now.
             c.execute("UPDATE keys SET state = state WHERE 0", [])?;
+            Answer::Unit
+        }
+        Op::DoneMany { keys, at_ms } => {
+            let mut st = c.prepare_cached(
+                "INSERT INTO keys(key, state, message_id, holder, updated_ms) VALUES (?1, 1, '', NULL, ?2)
+                 ON CONFLICT(key) DO UPDATE SET state = 1, holder = NULL,
+                    updated_ms = MAX(keys.updated_ms, excluded.updated_ms)",
+            )?;
+            for key in keys {
+                st.execute(params![key, at_ms])?;
+            }
+            Answer::Unit
+        }
+        Op::Applied { log } => {
+            let next: Option<i64> = c
+                .prepare_cached("SELECT next FROM done_logs WHERE log = ?1")?
+                .query_row(params![log], |r| r.get(0))
+                .optional()?;
+            Answer::Offset(next.and_then(|n| u64::try_from(n).ok()))
+        }
+        Op::SetApplied { log, next } => {
+            c.prepare_cached(
+                "INSERT INTO done_logs(log, next) VALUES (?1, ?2)
+                 ON CONFLICT(log) DO UPDATE SET next = MAX(done_logs.next, excluded.next)",
+            )?
+            .execute(params![log, next])?;
             Answer::Unit
         }
     })

@@ -1,0 +1,147 @@
+//! The worker's side of the done-logs (with `amqp.partitions` > 1): after a
+//! key's 2xx its record is appended to its partition's stream, with confirm,
+//! before the message is acked (records of messages done together share one
+//! stream message); and a worker that becomes active for a partition reads the
+//! partition's done-log into its SQLite store before it delivers anything from
+//! it, so keys another host delivered stay delivered.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::broker::{self, Broker};
+use crate::dedup::store::Store;
+use crate::message::{DedupKey, epoch_ms};
+
+/// How long an append or a marker may wait for its confirm.
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
+/// A catch-up that receives nothing for this long has failed (the message that
+/// started it goes back to the queue, and a later one tries again).
+const READ_STALL: Duration = Duration::from_secs(30);
+/// Keys that share one stream message at most.
+const BATCH: usize = 512;
+/// Records applied between notes of how far the catch-up got.
+const NOTE_EVERY: u64 = 1000;
+
+type Reply = oneshot::Sender<Result<(), broker::Error>>;
+
+/// Appends and catches up for one worker.
+pub struct DoneLog {
+    broker: Broker,
+    store: Store,
+    appends: mpsc::UnboundedSender<(u32, DedupKey, Reply)>,
+}
+
+impl DoneLog {
+    /// Starts the appender; it ends when the `DoneLog` is dropped.
+    pub fn start(broker: Broker, store: Store) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(append_forever(broker.clone(), rx));
+        Self {
+            broker,
+            store,
+            appends: tx,
+        }
+    }
+
+    /// Appends `key` to partition `partition`'s done-log; returns once the
+    /// broker confirmed the record.
+    pub async fn record(&self, partition: u32, key: &DedupKey) -> Result<(), broker::Error> {
+        let (reply, done) = oneshot::channel();
+        self.appends
+            .send((partition, key.clone(), reply))
+            .map_err(|_| broker::Error::Unavailable)?;
+        done.await.map_err(|_| broker::Error::Unavailable)?
+    }
+
+    /// Reads partition `partition`'s done-log into the store, from where this
+    /// host left it up to a marker appended now: everything any worker
+    /// recorded before this worker took the partition over. Returns how many
+    /// keys it applied.
+    pub async fn catch_up(&self, partition: u32) -> Result<u64, CatchUpError> {
+        let log = self.broker.topology().done(partition);
+        let token = uuid::Uuid::now_v7().to_string();
+        self.broker
+            .append_marker(partition, &token, CONFIRM_TIMEOUT)
+            .await?;
+        let from = self.store.applied(&log).await?;
+        let mut reader = self.broker.read_done(partition, from).await?;
+        let mut applied = 0u64;
+        let mut since_note = 0u64;
+        let result = loop {
+            let record = match tokio::time::timeout(READ_STALL, reader.next()).await {
+                Err(_) => break Err(CatchUpError::Stalled(READ_STALL)),
+                Ok(None) => break Err(broker::Error::Unavailable.into()),
+                Ok(Some(Err(e))) => break Err(e.into()),
+                Ok(Some(Ok(r))) => r,
+            };
+            if record.marker.as_deref() == Some(token.as_str()) {
+                self.store.set_applied(&log, record.offset + 1).await?;
+                break Ok(applied);
+            }
+            if !record.keys.is_empty() {
+                applied += u64::try_from(record.keys.len()).unwrap_or(0);
+                self.store.done_many(record.keys, record.at_ms).await?;
+            }
+            since_note += 1;
+            if since_note >= NOTE_EVERY {
+                since_note = 0;
+                self.store.set_applied(&log, record.offset + 1).await?;
+            }
+        };
+        reader.close().await;
+        result
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CatchUpError {
+    #[error(transparent)]
+    Broker(#[from] broker::Error),
+    #[error(transparent)]
+    Store(#[from] crate::dedup::Error),
+    #[error("the done-log sent nothing for {0:?}")]
+    Stalled(Duration),
+}
+
+/// Takes every waiting append, groups them by partition, writes one record
+/// per partition (up to [`BATCH`] keys) with confirm, and answers each waiter.
+async fn append_forever(broker: Broker, mut rx: mpsc::UnboundedReceiver<(u32, DedupKey, Reply)>) {
+    while let Some(first) = rx.recv().await {
+        let mut by_partition: HashMap<u32, (Vec<DedupKey>, Vec<Reply>)> = HashMap::new();
+        let mut add = |(p, key, reply): (u32, DedupKey, Reply)| {
+            let e = by_partition.entry(p).or_default();
+            e.0.push(key);
+            e.1.push(reply);
+        };
+        add(first);
+        let mut n = 1;
+        while n < BATCH {
+            match rx.try_recv() {
+                Ok(a) => {
+                    add(a);
+                    n += 1;
+                }
+                Err(_) => break,
+            }
+        }
+        let at = epoch_ms();
+        let writes = by_partition.into_iter().map(|(p, (keys, replies))| {
+            let broker = &broker;
+            async move {
+                let r = broker.append_done(p, &keys, at, CONFIRM_TIMEOUT).await;
+                if let Err(e) = &r {
+                    tracing::warn!(partition = p, keys = keys.len(), error = %e, "could not append to the done-log");
+                }
+                for reply in replies {
+                    let _ = reply.send(match &r {
+                        Ok(()) => Ok(()),
+                        Err(_) => Err(broker::Error::Unavailable),
+                    });
+                }
+            }
+        });
+        futures::future::join_all(writes).await;
+    }
+}
