@@ -250,7 +250,7 @@ impl Worker {
             .iter()
             .map(|&i| (i, self.score(i)))
             .collect();
-        order.sort_by(|a, b| b.1.cmp(&a.1));
+        order.sort_by_key(|o| std::cmp::Reverse(o.1));
         order
             .into_iter()
             .map(|(i, score)| {

@@ -26,11 +26,18 @@
 #   CLUSTER_KEEP_ON_FAILURE=1  leave the nodes running when `start` fails (for debugging)
 #
 # Everything lives under DIR/rmq/<node>/ (config, enabled plugins, mnesia, logs, pid file),
-# owned by the `rabbitmq` user; DIR/cluster.state records prefix and base port. The nodes
+# owned by the `rabbitmq` user; DIR/cluster.state records prefix and base port, and
+# DIR/cluster.log keeps this script's progress lines. `start` wipes DIR/rmq first. The nodes
 # run as `rabbitmq` with HOME=~rabbitmq, so they share the Erlang cookie of the default
 # node, and `rabbitmqctl -n hq1@localhost ...` works from root as usual.
 # Progress and errors go to stderr; only the node lines go to stdout. Exit 0 on success,
 # 1 on failure, 2 on bad usage. Must run as root (or as the rabbitmq user).
+#
+# Node loss: `stop-node` uses `rabbitmqctl stop`: the node's Erlang VM exits, its AMQP and
+# HTTP listeners close at once, its TCP links to the peers close, and the peers mark it
+# down and re-elect quorum queue leaders immediately (no net_ticktime wait). `stop_app`
+# was not chosen: it leaves the VM up and connected, which is not a lost node. `--kill`
+# (SIGKILL) is the crash variant: same immediate detection, no graceful shutdown at all.
 
 set -euo pipefail
 
@@ -41,8 +48,15 @@ START_TIMEOUT=${CLUSTER_START_TIMEOUT:-180}
 STOP_GRACE=${CLUSTER_STOP_GRACE:-30}
 NODES=(1 2 3)
 
-log() { printf '%s [%s] %s\n' "$(date +%H:%M:%S)" "$PROG" "$*" >&2; }
-die() { printf '%s [%s] ERROR: %s\n' "$(date +%H:%M:%S)" "$PROG" "$*" >&2; exit 1; }
+# Progress goes to stderr and, once DIR is known, to DIR/cluster.log (kept for post-mortems
+# when a caller throws stderr away).
+LOGFILE=
+log() {
+    local line; line="$(date +%H:%M:%S) [$PROG] $*"
+    printf '%s\n' "$line" >&2
+    if [[ -n $LOGFILE ]]; then printf '%s\n' "$line" >>"$LOGFILE" 2>/dev/null || true; fi
+}
+die() { log "ERROR: $*"; exit 1; }
 usage() {
     sed -n '5,15p' "$0" | sed 's/^# \{0,1\}//' >&2
     exit 2
@@ -93,6 +107,18 @@ set_base_env() {
 ctl()  { timeout -k 5 "${CTL_TIMEOUT:-90}" "${AS_RMQ[@]}" env -i "${BASE_ENV[@]}" "$RMQ_BIN/rabbitmqctl" "$@" 9>&-; }
 diag() { timeout -k 5 "${CTL_TIMEOUT:-90}" "${AS_RMQ[@]}" env -i "${BASE_ENV[@]}" "$RMQ_BIN/rabbitmq-diagnostics" "$@" 9>&-; }
 
+# ctl with up to 3 tries for the cluster-forming steps; its output is shown only on failure.
+ctl_retry() {
+    local try out
+    for try in 1 2 3; do
+        if out=$(ctl "$@" 2>&1); then return 0; fi
+        log "rabbitmqctl $* failed (try $try/3): $(tail -n 5 <<<"$out" | tr '\n' ' ')"
+        sleep 2
+    done
+    printf '%s\n' "$out" >&2
+    return 1
+}
+
 # ---------------------------------------------------------------- DIR, state, names, ports
 
 setup_dir() {   # $1 = DIR; sets DIR, DATA, STATE
@@ -101,6 +127,7 @@ setup_dir() {   # $1 = DIR; sets DIR, DATA, STATE
     [[ $DIR != / ]] || die "DIR must not be /"
     DATA=$DIR/rmq
     STATE=$DIR/cluster.state
+    if [[ -d $DIR ]]; then LOGFILE=$DIR/cluster.log; fi
 }
 
 lock_dir() {    # serialise commands on the same DIR
@@ -234,6 +261,9 @@ await_node() {
         left=$((deadline - $(date +%s)))
         if ((left <= 0)); then
             show_node_logs "$i"
+            if grep -q 'Waiting for Mnesia tables' "$(node_dir "$i")/log/$n.log" 2>/dev/null; then
+                die "$n did not finish booting within ${START_TIMEOUT}s: it waits for the tables of a peer that is down (start the node that stopped last first; this VM keeps waiting and joins when that peer is back)"
+            fi
             die "$n did not finish booting within ${START_TIMEOUT}s"
         fi
         if ! beam_alive "$n"; then
@@ -301,6 +331,8 @@ cmd_start() {
     ((base >= 1024 && base + 22 <= 65535)) || die "BASEPORT must be in 1024..65513 (got $base)"
     check_env; set_base_env
     mkdir -p "$DIR"
+    LOGFILE=$DIR/cluster.log
+    log "=== start $DIR $base"
     lock_dir
 
     # A cluster from this DIR already running?
@@ -354,7 +386,7 @@ cmd_start() {
 
     # From here on, a failure stops whatever we started.
     if [[ ${CLUSTER_KEEP_ON_FAILURE:-0} != 1 ]]; then
-        trap 'rc=$?; if ((rc != 0)); then log "start failed: stopping the nodes started from $DIR"; for i in 1 2 3; do stop_one "$(node_name $i)" || true; done; fi' EXIT
+        trap 'rc=$?; if ((rc != 0)); then log "start failed: stopping the nodes started from $DIR"; stop_all || true; fi' EXIT
     fi
 
     t0=$(now)
@@ -376,18 +408,17 @@ cmd_start() {
     local m pids=() pid
     for i in 2 3; do
         m=$(node_name "$i")
-        ( ctl -q -n "$m" stop_app >/dev/null ) & pids+=($!)
+        ctl_retry -q -n "$m" stop_app & pids+=($!)
     done
     for pid in "${pids[@]}"; do wait "$pid" || die "stop_app on node 2 or 3 failed"; done
     for i in 2 3; do
         m=$(node_name "$i")
-        ctl -q -n "$m" join_cluster "$n" >/dev/null || die "join_cluster $n on $m failed"
+        ctl_retry -q -n "$m" join_cluster "$n" || die "join_cluster $n on $m failed"
     done
     pids=()
     for i in 2 3; do
         m=$(node_name "$i")
-        LAUNCHED_AT[$i]=$(date +%s)
-        ( ctl -q -n "$m" start_app >/dev/null ) & pids+=($!)
+        ctl_retry -q -n "$m" start_app & pids+=($!)
     done
     for pid in "${pids[@]}"; do wait "$pid" || die "start_app on node 2 or 3 failed"; done
     log "$(node_name 2) and $(node_name 3) joined $n ($(elapsed "$t0")s)"
@@ -462,7 +493,7 @@ cmd_start_node() {
             log "$n already running"
         else
             log "$n: VM up but rabbit app stopped: start_app"
-            ctl -q -n "$n" start_app >/dev/null || die "start_app on $n failed"
+            ctl_retry -q -n "$n" start_app || die "start_app on $n failed"
         fi
     else
         for j in $(amqp_port "$i") $(dist_port "$i") $(mgmt_port "$i"); do
@@ -495,10 +526,15 @@ cmd_start_node() {
 cmd_stop() {
     [[ $# -eq 1 ]] || usage
     setup_dir "$1"
-    local t0 i n names=() pids bg=() deadline
     [[ -d $DIR ]] || { log "$DIR does not exist: nothing to stop"; return 0; }
     check_env; set_base_env
     lock_dir
+    stop_all
+}
+
+# Stop every VM started from DIR: `rabbitmqctl stop` to all at once, SIGKILL after the grace.
+stop_all() {
+    local t0 i n names=() pids bg=() deadline
     t0=$(now)
     if load_state; then
         for i in "${NODES[@]}"; do names+=("$(node_name "$i")"); done
