@@ -92,8 +92,14 @@ impl Sandbox {
     /// Writes the settings to a config file for a `hookq --config FILE` child
     /// process, and returns its path.
     pub fn config_file(&self) -> std::io::Result<PathBuf> {
+        self.config_file_of(&self.settings)
+    }
+
+    /// Like [`Sandbox::config_file`], for settings changed from the
+    /// sandbox's (another process's own dedup file, say).
+    pub fn config_file_of(&self, settings: &Settings) -> std::io::Result<PathBuf> {
         let path = self.dir.join(format!("hookq-{}.toml", short_id()));
-        std::fs::write(&path, self.settings.to_toml())?;
+        std::fs::write(&path, settings.to_toml())?;
         Ok(path)
     }
 
@@ -111,6 +117,11 @@ impl Sandbox {
             }
         };
         if let Some(b) = broker {
+            // The layout the settings say now, too (a test may change it).
+            let now = self.topology();
+            if now.partitions != b.topology().partitions {
+                let _ = b.delete(&now).await;
+            }
             if let Err(e) = b.delete_topology().await {
                 eprintln!(
                     "hookq: could not delete the throwaway queues and exchanges under prefix {}: {e}; \

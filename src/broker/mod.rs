@@ -147,6 +147,53 @@ impl Broker {
         Ok(Self::new(nodes, i, name, topology, None, Some(session)))
     }
 
+    /// For `hookq topology`: when the broker's queues of this prefix are laid
+    /// out for another `amqp.partitions` and hold nothing (no message, no
+    /// consumer), moves them to this topology's layout; returns the old count.
+    /// Refuses ([`topology::Error::NotDrained`]) when they are not empty.
+    pub async fn migrate_partitions(
+        urls: &[AmqpUrl],
+        topology: &Topology,
+    ) -> Result<Option<u32>, Error> {
+        let mut last = Error::Unavailable;
+        for url in urls {
+            let props = lapin::ConnectionProperties::default()
+                .with_connection_name(format!("hookq-topology [{}]", topology.prefix).into());
+            let connection = match tokio::time::timeout(
+                CONNECT_TIMEOUT,
+                lapin::Connection::connect(url.expose(), props),
+            )
+            .await
+            {
+                Ok(Ok(c)) => c,
+                Ok(Err(cause)) => {
+                    last = Error::Connect {
+                        url: url.to_string(),
+                        cause,
+                    };
+                    continue;
+                }
+                Err(_) => {
+                    last = Error::ConnectTimeout(CONNECT_TIMEOUT);
+                    continue;
+                }
+            };
+            let result = async {
+                match topology::existing_partitions(&connection, topology).await? {
+                    Some(old) if old != topology.partitions => {
+                        topology::migrate(&connection, topology, old).await?;
+                        Ok(Some(old))
+                    }
+                    _ => Ok(None),
+                }
+            }
+            .await;
+            let _ = connection.close(200, "checked".into()).await;
+            return result;
+        }
+        Err(last)
+    }
+
     /// Closes the connection and ends the supervisor; waits until both are done.
     /// Call it last, when nothing needs the broker any more.
     pub async fn close(&self) {
@@ -357,13 +404,19 @@ impl Broker {
     /// Deletes every queue and exchange of this topology (tests and the
     /// throwaway prefixes of the simulator and the benchmark).
     pub async fn delete_topology(&self) -> Result<(), Error> {
+        self.delete(&self.inner.topology.clone()).await
+    }
+
+    /// Deletes every queue and exchange of `topology` (this broker's prefix
+    /// laid out another way, say).
+    pub async fn delete(&self, topology: &Topology) -> Result<(), Error> {
         let session = self.session()?;
         let ch = session.connection.create_channel().await?;
-        for q in self.inner.topology.queues() {
+        for q in topology.queues() {
             ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default())
                 .await?;
         }
-        for x in [self.inner.topology.exchange(), self.inner.topology.dead()] {
+        for x in topology.exchanges() {
             ch.exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default())
                 .await?;
         }

@@ -15,10 +15,14 @@ use crate::retry::Policy;
 /// the broker when done.
 pub async fn connect(settings: &Settings, name: &str) -> Result<Broker, broker::Error> {
     settings.amqp.warn_if_classic_on_a_cluster();
-    let topology = Topology::new(
+    Broker::connect(&settings.amqp.urls, name, topology(settings)).await
+}
+
+/// The topology the settings describe.
+pub fn topology(settings: &Settings) -> Topology {
+    Topology::new(
         &settings.amqp,
         &Policy::new(&settings.retry),
         settings.dedup.retention,
-    );
-    Broker::connect(&settings.amqp.urls, name, topology).await
+    )
 }

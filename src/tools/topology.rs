@@ -4,7 +4,7 @@
 
 use std::process::ExitCode;
 
-use crate::broker::Declared;
+use crate::broker::{Broker, Declared};
 use crate::cli::print;
 use crate::config::{AmqpUrl, Settings};
 
@@ -60,6 +60,15 @@ fn line(d: &Declared) -> String {
 }
 
 pub async fn run(settings: &Settings) -> anyhow::Result<ExitCode> {
+    let topology = super::topology(settings);
+    // An empty system laid out for another amqp.partitions moves to this one;
+    // a running one is refused with what to do (exit 1).
+    if let Some(old) = Broker::migrate_partitions(&settings.amqp.urls, &topology).await? {
+        print(format_args!(
+            "moved the topology from {old} to {} partition(s): the old queues were empty",
+            topology.partitions
+        ));
+    }
     let broker = super::connect(settings, "hookq-topology").await?;
     let declared = broker.declare_topology().await;
     let node = broker.node();

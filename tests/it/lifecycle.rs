@@ -2,59 +2,19 @@
 //! JSON logs carry message ids and keys, /metrics counts what was sent.
 
 use std::collections::{HashMap, HashSet};
-use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Child;
 
-use crate::support::{Client, FakeTarget, TestEnv, wait_until};
+use crate::support::{Client, FakeTarget, Process, TestEnv, wait_until};
 
 const T: Duration = Duration::from_secs(30);
 
-/// A `hookq up --log-format json` child, its ingress address (read from its
-/// own log line) and every JSON log line it writes.
-struct UpProcess {
-    child: Child,
-    addr: std::net::SocketAddr,
-    logs: Arc<Mutex<Vec<serde_json::Value>>>,
-}
-
-async fn spawn_up(env: &TestEnv) -> UpProcess {
-    let mut child = env
-        .command(&["up", "--log-format", "json"], "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn hookq up");
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let logs = Arc::new(Mutex::new(Vec::new()));
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let sink = logs.clone();
-    tokio::spawn(async move {
-        let mut tx = Some(tx);
-        while let Ok(Some(line)) = lines.next_line().await {
-            let v: serde_json::Value = serde_json::from_str(&line)
-                .unwrap_or_else(|e| panic!("a log line that is not JSON ({e}): {line}"));
-            if v["message"]
-                .as_str()
-                .unwrap_or("")
-                .starts_with("ingress listening")
-                && let Some(tx) = tx.take()
-            {
-                let _ = tx.send(v["addr"].as_str().unwrap().parse().unwrap());
-            }
-            sink.lock().unwrap().push(v);
-        }
-    });
-    let addr = tokio::time::timeout(T, rx)
-        .await
-        .expect("listening line")
-        .unwrap();
-    UpProcess { child, addr, logs }
+async fn spawn_up(env: &TestEnv) -> Process {
+    env.spawn(&["up"], "ingress listening", |_| {}).await
 }
 
 fn sigterm(child: &Child) {

@@ -9,6 +9,7 @@ mod dedup;
 mod faults;
 mod lifecycle;
 mod operate;
+mod partitions;
 mod pipeline;
 mod security;
 mod shovel;

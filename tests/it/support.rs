@@ -210,7 +210,21 @@ impl TestEnv {
     /// A `hookq` child process on these settings (a generated config file):
     /// `hookq --config FILE <args>`, logs at `log` level on stderr.
     pub fn command(&self, args: &[&str], log: &str) -> tokio::process::Command {
-        let config = self.config_file().expect("write the config file");
+        self.command_with(args, log, |_| {})
+    }
+
+    /// Like [`TestEnv::command`], with the child's settings changed by `adjust`.
+    pub fn command_with(
+        &self,
+        args: &[&str],
+        log: &str,
+        adjust: impl FnOnce(&mut Settings),
+    ) -> tokio::process::Command {
+        let mut settings = self.settings.clone();
+        adjust(&mut settings);
+        let config = self
+            .config_file_of(&settings)
+            .expect("write the config file");
         let mut c = tokio::process::Command::new(env!("CARGO_BIN_EXE_hookq"));
         c.arg("--config")
             .arg(config)
@@ -246,6 +260,67 @@ impl Drop for TestEnv {
             }
         }
     }
+}
+
+/// A `hookq` child process logging JSON: the address it said it listens on
+/// (read from its own log line) and every log line it writes.
+pub struct Process {
+    pub child: tokio::process::Child,
+    pub addr: SocketAddr,
+    pub logs: Arc<Mutex<Vec<serde_json::Value>>>,
+}
+
+impl TestEnv {
+    /// Starts `hookq <args> --log-format json` with settings changed by
+    /// `adjust`, and waits for its log line starting with `listening` (e.g.
+    /// "ingress listening", "worker metrics listening") to learn its address.
+    pub async fn spawn(
+        &self,
+        args: &[&str],
+        listening: &str,
+        adjust: impl FnOnce(&mut Settings),
+    ) -> Process {
+        use tokio::io::AsyncBufReadExt;
+        let mut all: Vec<&str> = args.to_vec();
+        all.extend(["--log-format", "json"]);
+        let mut child = self
+            .command_with(&all, "info", adjust)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn hookq");
+        let stderr = child.stderr.take().expect("stderr");
+        let mut lines = tokio::io::BufReader::new(stderr).lines();
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let (sink, listening) = (logs.clone(), listening.to_string());
+        tokio::spawn(async move {
+            let mut tx = Some(tx);
+            while let Ok(Some(line)) = lines.next_line().await {
+                let v: serde_json::Value = serde_json::from_str(&line)
+                    .unwrap_or_else(|e| panic!("a log line that is not JSON ({e}): {line}"));
+                if v["message"].as_str().unwrap_or("").starts_with(&listening)
+                    && let Some(tx) = tx.take()
+                {
+                    let _ = tx.send(v["addr"].as_str().unwrap().parse().unwrap());
+                }
+                sink.lock().unwrap().push(v);
+            }
+        });
+        let addr = tokio::time::timeout(Duration::from_secs(30), rx)
+            .await
+            .expect("the listening log line")
+            .expect("the process's log");
+        Process { child, addr, logs }
+    }
+}
+
+/// The value of one sample in Prometheus text (`name{labels} value`), or 0.
+pub fn sample(metrics: &str, series: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
 }
 
 /// One request the fake target received.

@@ -19,7 +19,7 @@ use std::time::Duration;
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use sha2::{Digest, Sha256};
 
-pub use declare::{Declared, Error, declare, migrate};
+pub use declare::{Declared, Error, declare, existing_partitions, migrate};
 
 use crate::config::{AmqpSettings, QueueType};
 use crate::message::DedupKey;
