@@ -3,7 +3,6 @@
 //! worker, so a key's duplicates meet one store; the done-logs keep what a
 //! worker delivered when another takes its partitions over.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
