@@ -185,6 +185,15 @@ impl System {
         })
     }
 
+    /// Each part's broker connection and the node (`host:port`) it is
+    /// connected to now, if it is.
+    pub fn nodes(&self) -> Vec<(String, Option<String>)> {
+        self.brokers
+            .iter()
+            .map(|b| (b.name().to_string(), b.node()))
+            .collect()
+    }
+
     /// Connected to the broker and, for a worker, its store writable.
     pub fn is_ready(&self) -> bool {
         self.app.as_ref().is_none_or(|a| a.is_ready())

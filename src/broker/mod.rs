@@ -208,6 +208,11 @@ impl Broker {
         &self.inner.topology
     }
 
+    /// The connection's name (`hookq-ingress`, `hookq-worker`, ...).
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
     /// Connected, topology declared, publishers open.
     pub fn is_ready(&self) -> bool {
         self.inner

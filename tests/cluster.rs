@@ -1,0 +1,373 @@
+//! hookq on a real 3-node RabbitMQ cluster (started on this machine by
+//! `tests/cluster/cluster.sh`, apart from the default node, and stopped at
+//! the end, even when a test fails). Its own test binary, so that its nodes
+//! come and go with nothing else running against them. The tests in it share
+//! one cluster and run one after another.
+//!
+//! What they show: losing the node hookq is connected to costs a few seconds
+//! of 503s and a pause, a rolling restart likewise, and nothing is lost or
+//! delivered twice; the dead-letter tools work while a node is down.
+
+// This binary uses a part of the shared helpers.
+#[allow(dead_code)]
+#[path = "it/support.rs"]
+mod support;
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use hookq::config::AmqpUrl;
+use hookq::system::{Parts, System};
+use support::{Client, FakeTarget, TestEnv, wait_until};
+use tokio::sync::Mutex as AsyncMutex;
+
+const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/cluster/cluster.sh");
+const BASEPORT: u16 = 5700;
+const T: Duration = Duration::from_secs(120);
+
+/// The running cluster: its directory and each node's AMQP port.
+struct Cluster {
+    dir: PathBuf,
+    ports: Vec<u16>,
+}
+
+fn script(args: &[&str]) -> String {
+    let out = Command::new("bash")
+        .arg(SCRIPT)
+        .args(args)
+        .output()
+        .expect("run cluster.sh");
+    assert!(
+        out.status.success(),
+        "cluster.sh {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+impl Cluster {
+    fn start() -> Self {
+        let dir = std::env::temp_dir().join(format!("hookq-cluster-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let d = dir.display().to_string();
+        let out = script(&["start", &d, &BASEPORT.to_string()]);
+        let ports = out
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(1)?.parse().ok())
+            .collect::<Vec<u16>>();
+        assert_eq!(ports.len(), 3, "three nodes: {out}");
+        Self { dir, ports }
+    }
+
+    fn urls(&self) -> Vec<AmqpUrl> {
+        self.ports
+            .iter()
+            .map(|p| AmqpUrl::parse(&format!("amqp://guest:guest@127.0.0.1:{p}/%2f")).unwrap())
+            .collect()
+    }
+
+    /// The node (1..3) listening on `host:port`.
+    fn node_of(&self, node: &str) -> usize {
+        let port: u16 = node.rsplit(':').next().unwrap().parse().unwrap();
+        self.ports.iter().position(|p| *p == port).unwrap() + 1
+    }
+
+    fn stop_node(&self, n: usize) {
+        script(&["stop-node", &self.dir.display().to_string(), &n.to_string()]);
+    }
+
+    fn start_node(&self, n: usize) {
+        script(&[
+            "start-node",
+            &self.dir.display().to_string(),
+            &n.to_string(),
+        ]);
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = Command::new("bash")
+            .arg(SCRIPT)
+            .args(["stop", &self.dir.display().to_string()])
+            .status();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// One cluster for the tests of this binary, started by the first and
+/// stopped when the process exits (tests run one after another: see the
+/// lock), plus the tests' own order.
+static CLUSTER: std::sync::OnceLock<Cluster> = std::sync::OnceLock::new();
+static ONE_AT_A_TIME: AsyncMutex<()> = AsyncMutex::const_new(());
+
+fn cluster() -> &'static Cluster {
+    CLUSTER.get_or_init(|| {
+        // Stop the nodes when the test binary ends, whatever happened.
+        extern "C" fn stop_at_exit() {
+            if let Some(c) = CLUSTER.get() {
+                let _ = Command::new("bash")
+                    .arg(SCRIPT)
+                    .args(["stop", &c.dir.display().to_string()])
+                    .status();
+            }
+        }
+        unsafe extern "C" {
+            fn atexit(f: extern "C" fn()) -> i32;
+        }
+        // SAFETY: registering a plain function to run at exit.
+        unsafe {
+            atexit(stop_at_exit);
+        }
+        Cluster::start()
+    })
+}
+
+fn env_on(c: &Cluster, name: &str, target: &FakeTarget) -> TestEnv {
+    let mut env = TestEnv::new(name).with_target(&target.url);
+    env.settings.amqp.urls = c.urls();
+    // Publishes wait out a leader election rather than fail at once.
+    env.settings.ingress.publish_timeout = Duration::from_secs(5);
+    env
+}
+
+/// `hookq up` with its ingress and worker connected to the same node (each
+/// connection picks a node in a shuffled order; start again until they agree).
+async fn up_on_one_node(env: &TestEnv) -> (System, String) {
+    for _ in 0..20 {
+        let up = env.start(Parts::Up).await;
+        assert!(up.ready(T).await, "hookq up ready");
+        let nodes: HashSet<Option<String>> = up.nodes().into_iter().map(|(_, n)| n).collect();
+        if nodes.len() == 1
+            && let Some(Some(node)) = nodes.into_iter().next()
+        {
+            return (up, node);
+        }
+        up.shutdown().await.unwrap();
+    }
+    panic!("ingress and worker never chose the same node");
+}
+
+/// Sends webhooks at a steady pace until `stop`, re-sending each one refused
+/// with 503 until it is accepted; records the accepted keys and each 503's time.
+struct Sender {
+    accepted: Arc<Mutex<HashSet<String>>>,
+    refusals: Arc<Mutex<Vec<Instant>>>,
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+fn send_steadily(c: Arc<Client>, tag: &'static str) -> Sender {
+    let accepted = Arc::new(Mutex::new(HashSet::new()));
+    let refusals = Arc::new(Mutex::new(Vec::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let (a, r, s) = (accepted.clone(), refusals.clone(), stop.clone());
+    let task = tokio::spawn(async move {
+        let mut i = 0u32;
+        while !s.load(Ordering::Relaxed) {
+            i += 1;
+            let id = format!("{tag}-{i}");
+            loop {
+                match c
+                    .http
+                    .post(format!("{}/hooks/s", c.base))
+                    .header("idempotency-key", &id)
+                    .body("{}")
+                    .send()
+                    .await
+                {
+                    Ok(resp) if resp.status() == 202 => {
+                        a.lock().unwrap().insert(format!("s:{id}"));
+                        break;
+                    }
+                    Ok(resp) => {
+                        assert_eq!(resp.status(), 503, "only 503 while a node goes");
+                        r.lock().unwrap().push(Instant::now());
+                    }
+                    Err(e) => panic!("the ingress itself failed: {e}"),
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    });
+    Sender {
+        accepted,
+        refusals,
+        stop,
+        task,
+    }
+}
+
+impl Sender {
+    async fn finish(self) -> (HashSet<String>, Vec<Instant>) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.task.await.unwrap();
+        let a = self.accepted.lock().unwrap().clone();
+        let r = self.refusals.lock().unwrap().clone();
+        (a, r)
+    }
+
+    fn accepted(&self) -> usize {
+        self.accepted.lock().unwrap().len()
+    }
+}
+
+/// The span from the first to the last 503 (zero when there was none).
+fn window(refusals: &[Instant]) -> Duration {
+    match (refusals.first(), refusals.last()) {
+        (Some(a), Some(b)) => b.duration_since(*a),
+        _ => Duration::ZERO,
+    }
+}
+
+async fn each_delivered_once(target: &FakeTarget, accepted: &HashSet<String>) {
+    wait_until(T, "every accepted webhook delivered", || async {
+        let ok = target.successes();
+        accepted.iter().all(|k| ok.contains_key(k))
+    })
+    .await;
+    let doubled: Vec<_> = target
+        .successes()
+        .into_iter()
+        .filter(|(_, n)| *n > 1)
+        .collect();
+    assert!(doubled.is_empty(), "delivered twice: {doubled:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_the_node_in_use_costs_seconds_of_503s_and_nothing_else() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let c = cluster();
+    let target = FakeTarget::ok().await;
+    let env = env_on(c, "nodeloss", &target);
+    let (up, node) = up_on_one_node(&env).await;
+    let client = Arc::new(Client::new(up.ingress_addr.unwrap()));
+    let sender = send_steadily(client, "loss");
+    wait_until(T, "traffic flowing", || async { target.count() >= 50 }).await;
+    let n = c.node_of(&node);
+    let lost_at = Instant::now();
+    c.stop_node(n);
+    let before = sender.accepted();
+    wait_until(T, "accepting again on another node", || async {
+        sender.accepted() > before + 50
+    })
+    .await;
+    let (accepted, refusals) = sender.finish().await;
+    each_delivered_once(&target, &accepted).await;
+    let w = window(&refusals);
+    eprintln!(
+        "node {n} ({node}) lost: {} 503s over {w:?}; accepted {} webhooks, each delivered once \
+         (node stop to last 503: {:?})",
+        refusals.len(),
+        accepted.len(),
+        refusals.last().map(|l| l.duration_since(lost_at))
+    );
+    assert!(w < Duration::from_secs(15), "503s for {w:?}");
+    up.shutdown().await.unwrap();
+    c.start_node(n);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_restart_loses_nothing_and_doubles_nothing() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let c = cluster();
+    let target = FakeTarget::ok().await;
+    let env = env_on(c, "rolling", &target);
+    let up = env.start(Parts::Up).await;
+    assert!(up.ready(T).await);
+    let client = Arc::new(Client::new(up.ingress_addr.unwrap()));
+    let sender = send_steadily(client, "roll");
+    wait_until(T, "traffic flowing", || async { target.count() >= 50 }).await;
+    let mut per_node = Vec::new();
+    for n in 1..=3 {
+        let refused_before = sender.refusals.lock().unwrap().len();
+        c.stop_node(n);
+        let before = sender.accepted();
+        wait_until(T, "accepting with the node down", || async {
+            sender.accepted() > before + 20
+        })
+        .await;
+        c.start_node(n);
+        let r = sender.refusals.lock().unwrap()[refused_before..].to_vec();
+        per_node.push((n, r.len(), window(&r)));
+    }
+    let (accepted, _) = sender.finish().await;
+    each_delivered_once(&target, &accepted).await;
+    for (n, count, w) in &per_node {
+        eprintln!("rolling restart, node {n}: {count} 503s over {w:?}");
+        assert!(*w < Duration::from_secs(15), "node {n}: 503s for {w:?}");
+    }
+    eprintln!(
+        "rolling restart: {} webhooks accepted, each delivered once",
+        accepted.len()
+    );
+    up.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dead_letter_tools_work_with_a_node_down() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let c = cluster();
+    let failing = Arc::new(AtomicU32::new(1));
+    let f = failing.clone();
+    let target = FakeTarget::start(move |_, _| {
+        if f.load(Ordering::SeqCst) == 1 {
+            StatusCode::BAD_REQUEST
+        } else {
+            StatusCode::OK
+        }
+        .into_response()
+    })
+    .await;
+    let env = env_on(c, "tools", &target);
+    let up = env.up().await;
+    let client = Client::new(up.ingress_addr.unwrap());
+    for i in 0..20 {
+        client.send("s", &format!("dead-{i}"), "{}").await;
+    }
+    wait_until(T, "twenty dead letters", || async {
+        env.queue_len(&env.topology().dead()).await == 20
+    })
+    .await;
+    c.stop_node(2);
+    let run = |args: &'static [&'static str]| {
+        let env = &env;
+        async move {
+            env.command(args, "warn")
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .output()
+                .await
+                .unwrap()
+        }
+    };
+    let stats = run(&["dlq", "stats", "--json"]).await;
+    assert!(stats.status.success(), "{stats:?}");
+    let v: serde_json::Value = serde_json::from_slice(&stats.stdout).unwrap();
+    assert_eq!(v["total"], 20, "{v}");
+    let list = run(&["dlq", "list", "--json"]).await;
+    assert!(list.status.success(), "{list:?}");
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&list.stdout).unwrap();
+    assert_eq!(rows.len(), 20);
+    failing.store(0, Ordering::SeqCst);
+    let moved = run(&["shovel"]).await;
+    assert!(moved.status.success(), "{moved:?}");
+    assert!(
+        String::from_utf8_lossy(&moved.stdout).contains("moved 20 dead letter(s)"),
+        "{}",
+        String::from_utf8_lossy(&moved.stdout)
+    );
+    wait_until(T, "the moved webhooks delivered", || async {
+        target.successes().len() == 20
+    })
+    .await;
+    up.shutdown().await.unwrap();
+    c.start_node(2);
+}
