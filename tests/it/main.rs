@@ -8,6 +8,7 @@ mod support;
 mod dedup;
 mod faults;
 mod lifecycle;
+mod netns;
 mod operate;
 mod partitions;
 mod pipeline;

@@ -220,12 +220,32 @@ impl TestEnv {
         log: &str,
         adjust: impl FnOnce(&mut Settings),
     ) -> tokio::process::Command {
+        self.command_via(&[], args, log, adjust)
+    }
+
+    /// Like [`TestEnv::command_with`], run through `via` (e.g. `ip netns exec
+    /// NS`, which execs hookq in its place: the child is hookq itself).
+    pub fn command_via(
+        &self,
+        via: &[&str],
+        args: &[&str],
+        log: &str,
+        adjust: impl FnOnce(&mut Settings),
+    ) -> tokio::process::Command {
         let mut settings = self.settings.clone();
         adjust(&mut settings);
         let config = self
             .config_file_of(&settings)
             .expect("write the config file");
-        let mut c = tokio::process::Command::new(env!("CARGO_BIN_EXE_hookq"));
+        let hookq = env!("CARGO_BIN_EXE_hookq");
+        let mut c = match via.split_first() {
+            None => tokio::process::Command::new(hookq),
+            Some((program, rest)) => {
+                let mut c = tokio::process::Command::new(program);
+                c.args(rest).arg(hookq);
+                c
+            }
+        };
         c.arg("--config")
             .arg(config)
             .args(args)
@@ -280,11 +300,22 @@ impl TestEnv {
         listening: &str,
         adjust: impl FnOnce(&mut Settings),
     ) -> Process {
+        self.spawn_via(&[], args, listening, adjust).await
+    }
+
+    /// Like [`TestEnv::spawn`], run through `via` (see [`TestEnv::command_via`]).
+    pub async fn spawn_via(
+        &self,
+        via: &[&str],
+        args: &[&str],
+        listening: &str,
+        adjust: impl FnOnce(&mut Settings),
+    ) -> Process {
         use tokio::io::AsyncBufReadExt;
         let mut all: Vec<&str> = args.to_vec();
         all.extend(["--log-format", "json"]);
         let mut child = self
-            .command_with(&all, "info", adjust)
+            .command_via(via, &all, "info", adjust)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped())
             .spawn()
