@@ -114,6 +114,10 @@ pub struct BenchArgs {
     /// Keys to fill the LRU with for the memory figure.
     #[arg(long, default_value_t = 100_000)]
     pub lru_keys: u32,
+    /// Also drain `--messages` with 3 worker processes (a store each) on this
+    /// many partitions, against 1 worker on 1 partition (0: skip).
+    #[arg(long, default_value_t = 0)]
+    pub partitions: u32,
     #[arg(long)]
     pub json: bool,
     /// Internal: run as the lone worker process whose memory the benchmark

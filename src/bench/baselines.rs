@@ -1,25 +1,35 @@
 //! The baselines `hookq bench` sets hookq's figures beside: lapin with nothing
 //! of hookq around it, on connections of its own. The raw broker's ceiling
 //! (publish with pipelined confirms; consume with acks), and the few lines a
-//! user would write by hand instead of hookq.
+//! user would write by hand instead of hookq: an ingress (axum, one channel
+//! in confirm mode, publish the body, await the confirm, 202) and a forwarder
+//! (one channel, POST each delivery's body with a keep-alive client, ack after
+//! the 2xx).
 //!
 //! The one place outside `broker/` that imports lapin, by design: this is the
-//! code a user would write without hookq. It has no reconnects, no supervision
-//! and no topology of its own (the queues must exist).
+//! code a user would write without hookq. It has no reconnects, no
+//! supervision, no signature, key, dedup or retries.
 
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::StatusCode;
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions,
+    ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
-use lapin::types::FieldTable;
-use lapin::{Confirmation, Connection, ConnectionProperties};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
+use tokio_util::sync::CancellationToken;
 
 use crate::broker::{CONNECT_TIMEOUT, Error, codec};
-use crate::config::AmqpUrl;
+use crate::config::{AmqpUrl, TargetUrl};
+use crate::harness::serve_local;
 use crate::message::Envelope;
 
 async fn connect(url: &AmqpUrl, name: &str) -> Result<Connection, Error> {
@@ -130,6 +140,140 @@ pub async fn consume_acked(
     }
     while let Some(r) = acks.next().await {
         r?;
+    }
+    let elapsed = first.map(|f| f.elapsed()).unwrap_or_default();
+    let _ = connection.close(200, "done".into()).await;
+    Ok(elapsed)
+}
+
+/// A durable queue of `queue_type` (`quorum`, `classic`), as a user declares one.
+async fn declare(channel: &Channel, queue: &str, queue_type: &str) -> Result<(), Error> {
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString(queue_type.into()),
+    );
+    let opts = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    channel.queue_declare(queue.into(), opts, args).await?;
+    Ok(())
+}
+
+/// Deletes a queue a baseline declared.
+pub async fn delete_queue(url: &AmqpUrl, queue: &str) -> Result<(), Error> {
+    let connection = connect(url, "hookq-bench-cleanup").await?;
+    let channel = connection.create_channel().await?;
+    channel
+        .queue_delete(queue.into(), QueueDeleteOptions::default())
+        .await?;
+    let _ = connection.close(200, "done".into()).await;
+    Ok(())
+}
+
+/// The hand-written ingress, running until `stop`: any `POST` publishes its
+/// body persistently to `queue` (declared here) on one confirm-mode channel,
+/// and answers 202 once the broker confirmed it, 503 otherwise.
+pub async fn hand_ingress(
+    url: &AmqpUrl,
+    queue: &str,
+    queue_type: &str,
+    stop: CancellationToken,
+) -> anyhow::Result<SocketAddr> {
+    struct Hand {
+        channel: Channel,
+        queue: String,
+        _connection: Connection,
+    }
+    async fn publish(State(h): State<Arc<Hand>>, body: Bytes) -> StatusCode {
+        let props = BasicProperties::default().with_delivery_mode(2);
+        let published = h
+            .channel
+            .basic_publish(
+                "".into(),
+                h.queue.as_str().into(),
+                BasicPublishOptions::default(),
+                &body,
+                props,
+            )
+            .await;
+        match published {
+            Ok(confirm) => match confirm.await {
+                Ok(Confirmation::Ack(_)) => StatusCode::ACCEPTED,
+                _ => StatusCode::SERVICE_UNAVAILABLE,
+            },
+            Err(_) => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+    let connection = connect(url, "hookq-bench-hand-ingress").await?;
+    let channel = connection.create_channel().await?;
+    declare(&channel, queue, queue_type).await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    let hand = Arc::new(Hand {
+        channel,
+        queue: queue.to_string(),
+        _connection: connection,
+    });
+    let router = axum::Router::new()
+        .fallback(axum::routing::post(publish))
+        .with_state(hand);
+    serve_local(router, stop).await
+}
+
+/// The hand-written forwarder: consumes `count` messages from `queue` (up to
+/// `prefetch` unacked), POSTs each body to `target` with a keep-alive client,
+/// `concurrency` at once, and acks each after its 2xx (a failure is requeued).
+/// Returns the time from the first delivery to the last ack.
+pub async fn hand_forwarder(
+    url: &AmqpUrl,
+    queue: &str,
+    target: &TargetUrl,
+    count: u32,
+    prefetch: u16,
+    concurrency: usize,
+) -> anyhow::Result<Duration> {
+    let connection = connect(url, "hookq-bench-hand-forwarder").await?;
+    let channel = connection.create_channel().await?;
+    channel
+        .basic_qos(prefetch, BasicQosOptions::default())
+        .await?;
+    let mut consumer = channel
+        .basic_consume(
+            queue.into(),
+            "hookq-bench-hand".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let http = reqwest::Client::new();
+    let mut running = FuturesUnordered::new();
+    let (mut acked, mut first) = (0u32, None);
+    while acked < count {
+        tokio::select! {
+            Some(done) = running.next(), if !running.is_empty() => {
+                let ok: bool = done?;
+                acked += u32::from(ok);
+            }
+            d = consumer.next(), if running.len() < concurrency => {
+                let Some(d) = d else { anyhow::bail!("the consumer ended") };
+                let d = d?;
+                first.get_or_insert_with(Instant::now);
+                let (http, target) = (http.clone(), target.url().clone());
+                running.push(async move {
+                    let answered = http.post(target).body(d.data).send().await;
+                    if answered.is_ok_and(|r| r.status().is_success()) {
+                        d.acker.ack(BasicAckOptions::default()).await?;
+                        Ok(true)
+                    } else {
+                        d.acker.nack(lapin::options::BasicNackOptions { requeue: true, ..Default::default() }).await?;
+                        Ok::<bool, lapin::Error>(false)
+                    }
+                });
+            }
+        }
     }
     let elapsed = first.map(|f| f.elapsed()).unwrap_or_default();
     let _ = connection.close(200, "done".into()).await;

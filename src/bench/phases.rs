@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use axum::http::StatusCode;
+use tokio_util::sync::CancellationToken;
 
 use super::probe::{cpu_time, cpu_us_per, mean_ms, metric};
 use super::target::Sink;
@@ -101,11 +102,14 @@ pub(super) struct IngressFigures {
 }
 
 /// One connection's share of the load: requests one after another until the
-/// shared counter reaches the total.
+/// shared counter reaches the total. The key of request `i` is
+/// `bench:RUN-i` (its Idempotency-Key, on the unsigned source `bench`); the
+/// answer's body is read, not parsed, so that the client's work is the same
+/// against hookq and against the hand-written ingress.
 async fn hammer(
     http: reqwest::Client,
     url: String,
-    body: Vec<u8>,
+    body: bytes::Bytes,
     next: Arc<AtomicU32>,
     total: u32,
     run_id: String,
@@ -116,20 +120,19 @@ async fn hammer(
         if i >= total {
             break;
         }
+        let id = format!("{run_id}-{i}");
         let sent = Instant::now();
         let r = http
             .post(&url)
             .header("content-type", "application/octet-stream")
-            .header("idempotency-key", format!("{run_id}-{i}"))
+            .header("idempotency-key", &id)
             .body(body.clone())
             .send()
             .await;
         let outcome = match r {
-            Ok(r) if r.status() == StatusCode::ACCEPTED => r
-                .json::<serde_json::Value>()
-                .await
-                .map_err(|e| e.to_string())
-                .map(|v| v["key"].as_str().unwrap_or_default().to_string()),
+            Ok(r) if r.status() == StatusCode::ACCEPTED => {
+                r.bytes().await.map(|_| ()).map_err(|e| e.to_string())
+            }
             Ok(r) => Err(format!(
                 "{} {}",
                 r.status(),
@@ -138,9 +141,9 @@ async fn hammer(
             Err(e) => Err(e.to_string()),
         };
         match outcome {
-            Ok(key) => {
+            Ok(()) => {
                 latencies.push(sent.elapsed());
-                keys.push(key);
+                keys.push(format!("bench:{id}"));
             }
             Err(e) => {
                 errors += 1;
@@ -151,37 +154,28 @@ async fn hammer(
     (latencies, keys, errors, first_error)
 }
 
-pub(super) async fn ingress(
-    sandbox: &Sandbox,
+/// `--messages` POSTs of `body` to `url` over `--connections` connections.
+async fn load(
+    url: &str,
     args: &BenchArgs,
     body: &[u8],
+    what: &str,
 ) -> anyhow::Result<IngressFigures> {
     let n = args.messages;
-    say(format_args!(
-        "ingress: {n} POSTs of {} bytes over {} connections",
-        body.len(),
-        args.connections
-    ));
-    let part = sandbox.start(Parts::Ingress).await?;
-    anyhow::ensure!(
-        part.ready(READY_WITHIN).await,
-        "the ingress did not become ready"
-    );
-    let addr = part.ingress_addr.context("the ingress has no address")?;
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(args.connections)
         .build()?;
-    let url = format!("http://{addr}/hooks/bench");
     let next = Arc::new(AtomicU32::new(0));
     let run_id = short_id();
+    let body = bytes::Bytes::copy_from_slice(body);
     let cpu = cpu_time();
     let started = Instant::now();
     let tasks: Vec<_> = (0..args.connections)
         .map(|_| {
             tokio::spawn(hammer(
                 http.clone(),
-                url.clone(),
-                body.to_vec(),
+                url.to_string(),
+                body.clone(),
                 next.clone(),
                 n,
                 run_id.clone(),
@@ -198,14 +192,12 @@ pub(super) async fn ingress(
     }
     let elapsed = started.elapsed();
     let cpu_us = cpu_us_per(cpu, n);
-    let metrics = part.metrics().render();
-    part.shutdown().await?;
     if let Some(e) = &first_error {
         say(format_args!(
-            "ingress: {errors} requests were not accepted; the first: {e}"
+            "{what}: {errors} requests were not accepted; the first: {e}"
         ));
     }
-    anyhow::ensure!(!keys.is_empty(), "the ingress accepted no request");
+    anyhow::ensure!(!keys.is_empty(), "{what} accepted no request");
     latencies.sort_unstable();
     Ok(IngressFigures {
         per_s: per_s(u32::try_from(keys.len()).unwrap_or(u32::MAX), elapsed),
@@ -213,8 +205,125 @@ pub(super) async fn ingress(
         p99_ms: quantile(&latencies, 0.99).map(ms).unwrap_or(0.0),
         errors,
         cpu_us,
-        publish_avg_ms: mean_ms(&metrics, "hookq_ingress_publish_seconds"),
+        publish_avg_ms: 0.0,
         keys,
+    })
+}
+
+/// The queue the hand-written ingress fills and the hand-written forwarder drains.
+fn hand_queue(sandbox: &Sandbox) -> String {
+    format!("{}.hand", sandbox.settings.amqp.prefix)
+}
+
+/// Deletes the hand-written baselines' queue, if a failed run left it.
+pub(super) async fn remove_hand_queue(sandbox: &Sandbox) {
+    if let Some(url) = sandbox.settings.amqp.urls.first() {
+        let _ = baselines::delete_queue(url, &hand_queue(sandbox)).await;
+    }
+}
+
+/// The hand-written ingress (see [`baselines::hand_ingress`]) under the same
+/// load as hookq's; it leaves its backlog for [`hand_forwarder`].
+pub(super) async fn hand_ingress(
+    sandbox: &Sandbox,
+    args: &BenchArgs,
+    body: &[u8],
+) -> anyhow::Result<IngressFigures> {
+    say(format_args!(
+        "hand-written ingress: {} POSTs of {} bytes over {} connections",
+        args.messages,
+        body.len(),
+        args.connections
+    ));
+    let url = sandbox
+        .settings
+        .amqp
+        .urls
+        .first()
+        .context("amqp.url lists no broker")?;
+    let stop = CancellationToken::new();
+    let _stop = stop.clone().drop_guard();
+    let queue_type = sandbox.settings.amqp.queue_type.as_str();
+    let addr = baselines::hand_ingress(url, &hand_queue(sandbox), queue_type, stop).await?;
+    load(
+        &format!("http://{addr}/hooks/bench"),
+        args,
+        body,
+        "the hand-written ingress",
+    )
+    .await
+}
+
+/// The hand-written forwarder (see [`baselines::hand_forwarder`]) draining
+/// the hand-written ingress's backlog of `count` to the same target, at the
+/// worker's prefetch and concurrency.
+pub(super) async fn hand_forwarder(
+    sandbox: &Sandbox,
+    sink: &Sink,
+    count: u32,
+) -> anyhow::Result<ForwardFigures> {
+    say(format_args!(
+        "hand-written forwarder: draining a backlog of {count} messages (target answers 200)"
+    ));
+    let s = &sandbox.settings;
+    let url = s.amqp.urls.first().context("amqp.url lists no broker")?;
+    let queue = hand_queue(sandbox);
+    let cpu = cpu_time();
+    let took = tokio::time::timeout(
+        STALL + Duration::from_millis(u64::from(count)),
+        baselines::hand_forwarder(
+            url,
+            &queue,
+            &sink.url,
+            count,
+            s.amqp.prefetch,
+            s.worker.concurrency,
+        ),
+    )
+    .await
+    .context("the hand-written forwarder did not deliver every message in time")??;
+    let cpu_us = cpu_us_per(cpu, count);
+    baselines::delete_queue(url, &queue).await?;
+    Ok(ForwardFigures {
+        per_s: per_s(count, took),
+        cpu_us,
+    })
+}
+
+pub(super) struct ForwardFigures {
+    pub per_s: f64,
+    pub cpu_us: f64,
+}
+
+pub(super) async fn ingress(
+    sandbox: &Sandbox,
+    args: &BenchArgs,
+    body: &[u8],
+) -> anyhow::Result<IngressFigures> {
+    say(format_args!(
+        "ingress: {} POSTs of {} bytes over {} connections",
+        args.messages,
+        body.len(),
+        args.connections
+    ));
+    let part = sandbox.start(Parts::Ingress).await?;
+    anyhow::ensure!(
+        part.ready(READY_WITHIN).await,
+        "the ingress did not become ready"
+    );
+    let addr = part.ingress_addr.context("the ingress has no address")?;
+    let figures = load(
+        &format!("http://{addr}/hooks/bench"),
+        args,
+        body,
+        "the ingress",
+    )
+    .await;
+    let metrics = part.metrics().render();
+    part.shutdown().await?;
+    Ok(IngressFigures {
+        publish_avg_ms: mean_ms(&metrics, "hookq_ingress_publish_seconds"),
+        ..figures?
     })
 }
 
@@ -362,5 +471,102 @@ pub(super) async fn e2e(
         messages: want,
         from_202: p50_p99(from_202),
         from_post: p50_p99(from_post),
+    })
+}
+
+pub(super) struct DeadFigures {
+    pub count: u32,
+    pub list_per_s: f64,
+    pub list_cpu_us: f64,
+    pub shovel_per_s: f64,
+    pub shovel_cpu_us: f64,
+}
+
+/// Fills `P.dead` with `--messages` dead letters (published as a worker
+/// would), then times `dlq list` reading all of them (and handing them back)
+/// and `hookq shovel` moving all of them to the work queue, with the code the
+/// commands run.
+pub(super) async fn dead_letters(
+    settings: &Settings,
+    args: &BenchArgs,
+    body: &[u8],
+) -> anyhow::Result<DeadFigures> {
+    say(format_args!(
+        "dead letters: {} in P.dead; dlq list reads them all, then shovel moves them all",
+        args.messages
+    ));
+    let sandbox =
+        Sandbox::new(settings, "bench-dead").context("cannot make a scratch directory")?;
+    let result = dead_letters_on(&sandbox, args, body).await;
+    sandbox.remove().await;
+    result
+}
+
+async fn dead_letters_on(
+    sandbox: &Sandbox,
+    args: &BenchArgs,
+    body: &[u8],
+) -> anyhow::Result<DeadFigures> {
+    use crate::message::{DeadInfo, DeadReason};
+    use crate::tools::{dead_letters, shovel};
+    let n = args.messages;
+    let broker = sandbox.broker().await?;
+    let url = sandbox
+        .settings
+        .amqp
+        .urls
+        .first()
+        .context("amqp.url lists no broker")?;
+    let mut env = sample(body, "dead");
+    env.attempts = 5;
+    env.dead = Some(DeadInfo {
+        reason: DeadReason::MaxAttempts,
+        last_error: "HTTP 500".into(),
+        last_status: Some(500),
+        dead_at: "2026-12-01T00:00:00Z".into(),
+    });
+    let dead = broker.topology().dead();
+    baselines::publish_confirmed(url, &dead, "", &env, n, args.connections).await?;
+
+    let (cpu, started) = (cpu_time(), Instant::now());
+    let rows = dead_letters::rows(broker, None).await?;
+    let (list, list_cpu_us) = (started.elapsed(), cpu_us_per(cpu, n));
+    anyhow::ensure!(
+        rows.len() == n as usize,
+        "dlq list read {} of {n} dead letters",
+        rows.len()
+    );
+
+    // The hand-back is asynchronous on a quorum queue (a Raft round): wait
+    // until every dead letter is back before the shovel counts them.
+    let back = Instant::now();
+    while broker.queue_len(&dead).await? < n {
+        anyhow::ensure!(
+            back.elapsed() < STALL,
+            "the dead letters dlq list read did not come back to {dead}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (cpu, started) = (cpu_time(), Instant::now());
+    let summary = shovel::shovel(
+        broker,
+        &shovel::Filter::default(),
+        &shovel::Options::default(),
+        &mut |_| {},
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("the shovel stopped: {}", e.error))?;
+    let (moved, shovel_cpu_us) = (started.elapsed(), cpu_us_per(cpu, n));
+    anyhow::ensure!(
+        summary.moved.total() == u64::from(n),
+        "the shovel moved {} of {n} dead letters",
+        summary.moved.total()
+    );
+    Ok(DeadFigures {
+        count: n,
+        list_per_s: per_s(n, list),
+        list_cpu_us,
+        shovel_per_s: per_s(n, moved),
+        shovel_cpu_us,
     })
 }

@@ -186,11 +186,18 @@ async fn accept(app: &App, source: &str, req: Request) -> Result<Response, Error
         .map_err(Error::Broker)?;
     app.events.accepted(&env, started.elapsed());
     tracing::debug!(message_id = %env.message_id, key = %env.key, source, "accepted");
-    Ok((
-        StatusCode::ACCEPTED,
-        axum::Json(serde_json::json!({ "id": env.message_id.0, "key": env.key.0 })),
-    )
-        .into_response())
+    let accepted = Accepted {
+        id: &env.message_id.0,
+        key: &env.key.0,
+    };
+    Ok((StatusCode::ACCEPTED, axum::Json(accepted)).into_response())
+}
+
+/// The 202's body, `{"id": MESSAGE_ID, "key": KEY}`.
+#[derive(serde::Serialize)]
+struct Accepted<'a> {
+    id: &'a str,
+    key: &'a str,
 }
 
 /// Reads the body up to `max` bytes: a declared length over the limit is refused

@@ -126,6 +126,11 @@ pub struct DeadLetters {
 /// How long the consumer may be silent before the reader asks the queue
 /// whether anything is left (someone else may have emptied it).
 const QUIET: Duration = Duration::from_millis(250);
+/// How long the queue must stay empty, with nothing arriving, before a run
+/// ends short of its start length: messages the broker has already handed to
+/// this consumer are not in the queue's count but may still be on their way
+/// (a quorum queue that just took a large hand-back is slow to start).
+const GONE_AFTER: Duration = Duration::from_secs(3);
 
 impl DeadLetters {
     /// Opens a reader on `P.dead` that will look at `max` messages at most.
@@ -173,6 +178,7 @@ impl DeadLetters {
     }
 
     async fn get(&mut self) -> Result<Option<DeadLetter>, broker::Error> {
+        let mut empty_since: Option<std::time::Instant> = None;
         loop {
             if let Some(reader) = &self.reader {
                 let Some((m, _remaining)) = reader.get(&self.queue).await? else {
@@ -193,7 +199,12 @@ impl DeadLetters {
                         // Every prefetch slot holds a message: go on with basic.get.
                         self.reader = Some(self.broker.reader().await?);
                     } else if self.broker.queue_len(&self.queue).await? == 0 {
-                        return Ok(None);
+                        let since = *empty_since.get_or_insert_with(std::time::Instant::now);
+                        if since.elapsed() >= GONE_AFTER {
+                            return Ok(None);
+                        }
+                    } else {
+                        empty_since = None;
                     }
                 }
             }

@@ -140,6 +140,7 @@ async fn simulate_and_bench_refuse_bad_arguments_with_exit_2() {
         (&["simulate", "--max-attempts", "0"][..], "--max-attempts"),
         (&["bench", "--messages", "0"][..], "--messages"),
         (&["bench", "--connections", "0"][..], "--connections"),
+        (&["bench", "--partitions", "1"][..], "--partitions"),
     ] {
         let out = hookq(args, &env, Duration::from_secs(20)).await;
         let stderr = String::from_utf8_lossy(&out.stderr);
@@ -180,10 +181,12 @@ async fn bench_json_has_every_figure() {
             "16",
             "--lru-keys",
             "5000",
+            "--partitions",
+            "4",
             "--json",
         ],
         &env,
-        Duration::from_secs(60),
+        Duration::from_secs(120),
     )
     .await;
     let r = json_of(&out);
@@ -204,6 +207,15 @@ async fn bench_json_has_every_figure() {
         "ingress_publish_avg_ms",
         "worker_delivery_avg_ms",
         "worker_dedup_commits",
+        "hand_ingress_per_s",
+        "hand_ingress_p99_ms",
+        "hand_ingress_cpu_us",
+        "hand_forwarder_per_s",
+        "hand_forwarder_cpu_us",
+        "ingress_vs_hand",
+        "worker_vs_hand",
+        "dlq_list_per_s",
+        "shovel_per_s",
     ] {
         assert!(num(&r, rate) > 0.0, "{rate} should be positive: {r}");
     }
@@ -230,8 +242,18 @@ async fn bench_json_has_every_figure() {
     assert!(num(&r, "worker_lru_len") >= 5000.0, "{r}");
     let ratio = num(&r, "ingress_per_s") / num(&r, "raw_publish_per_s");
     assert!((num(&r, "ingress_ratio") - ratio).abs() < 1e-6, "{r}");
+    let vs_hand = num(&r, "worker_per_s") / num(&r, "hand_forwarder_per_s");
+    assert!((num(&r, "worker_vs_hand") - vs_hand).abs() < 1e-6, "{r}");
+    assert_eq!(num(&r, "dead_letters"), 500.0, "{r}");
+    // Three worker processes on 4 partitions and one on one drained it all.
+    let scale = &r["scale"];
+    assert_eq!(scale["partitions"], 4, "{r}");
+    assert_eq!(scale["workers"], 3, "{r}");
+    for rate in ["one_per_s", "many_per_s"] {
+        assert!(scale[rate].as_f64().is_some_and(|x| x > 0.0), "{rate}: {r}");
+    }
     let goals = r["goals"].as_array().expect("goals");
-    assert_eq!(goals.len(), 4, "{r}");
+    assert_eq!(goals.len(), 7, "{r}");
     for g in goals {
         assert!(g["met"].is_boolean() && g["value"].is_number(), "{g}");
     }

@@ -29,10 +29,14 @@ use tokio::sync::oneshot;
 
 use crate::message::epoch_ms;
 
-/// The most requests one transaction takes.
 mod sql;
 
+/// The most requests one transaction takes.
 const MAX_BATCH: usize = 512;
+/// How long a batch that found company waits for more requests, and the
+/// size at which it stops waiting (see the group commit in `thread_main`).
+const LINGER: Duration = Duration::from_micros(500);
+const LINGER_UNTIL: usize = 48;
 /// Rows one prune deletes; small, so it never holds the write lock for long.
 pub const PRUNE_BATCH: usize = 500;
 
@@ -161,6 +165,19 @@ fn thread_main(
             match rx.try_recv() {
                 Ok(r) => batch.push(r),
                 Err(_) => break,
+            }
+        }
+        // Group commit: when requests come several at a time (many messages in
+        // flight), wait a moment for more, so that one commit (its WAL writes
+        // and locks, the bulk of the store's cost) serves more of them. A lone
+        // request (light load) goes at once.
+        if batch.len() > 1 {
+            let until = Instant::now() + LINGER;
+            while batch.len() < LINGER_UNTIL {
+                match rx.recv_timeout(until.saturating_duration_since(Instant::now())) {
+                    Ok(r) => batch.push(r),
+                    Err(_) => break,
+                }
             }
         }
         let due = renewed.is_none_or(|at| at.elapsed() >= every);
