@@ -133,7 +133,7 @@ async fn run_probe(sandbox: &Sandbox, args: &BenchArgs) -> anyhow::Result<ProbeR
         .arg(PROBE_MESSAGES.to_string())
         .arg("--lru-keys")
         .arg(args.lru_keys.to_string())
-        .env("HOOKQ_LOG", "error")
+        .env("HOOKQ_LOG", crate::telemetry::QUIET_FILTER)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())

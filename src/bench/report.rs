@@ -1,7 +1,96 @@
-//! The benchmark's table, as people read it (`--json` prints the report as is).
+//! The benchmark's report: every figure of a run (`--json` prints it as is) and the table people read.
 
-use super::{PROBE_MESSAGES, Report};
+use serde::{Deserialize, Serialize};
+
+use super::PROBE_MESSAGES;
+use super::scale::ScaleFigures;
 use crate::cli::print;
+
+/// One target and whether this run met it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Goal {
+    pub name: String,
+    pub goal: String,
+    pub value: f64,
+    pub met: bool,
+}
+
+/// Every figure of a run; `--json` prints it as one object.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Report {
+    pub messages: u32,
+    pub connections: usize,
+    pub body_bytes: usize,
+    pub queue_type: String,
+    /// Persistent publishes confirmed per second, lapin alone, to the same
+    /// exchange and routing key as the ingress.
+    pub raw_publish_per_s: f64,
+    /// Messages consumed and acked per second, lapin alone.
+    pub raw_consume_per_s: f64,
+    /// The two measurements the figures above average: before the ingress
+    /// phase and after the worker phase. Far apart means a noisy machine.
+    pub raw_publish_rounds: [f64; 2],
+    pub raw_consume_rounds: [f64; 2],
+    /// CPU time of this process per message in each phase, in microseconds
+    /// (the ingress phase includes the load client, the worker phase the target).
+    pub raw_publish_cpu_us: f64,
+    pub raw_consume_cpu_us: f64,
+    /// 202s per second.
+    pub ingress_per_s: f64,
+    pub ingress_p50_ms: f64,
+    pub ingress_p99_ms: f64,
+    /// Requests not answered 202 (each is a problem worth a look).
+    pub ingress_errors: u32,
+    pub ingress_ratio: f64,
+    pub ingress_cpu_us: f64,
+    /// The hand-written ingress under the same load: 202s per second, p99,
+    /// CPU per message; hookq's rate over it.
+    pub hand_ingress_per_s: f64,
+    pub hand_ingress_p99_ms: f64,
+    pub hand_ingress_cpu_us: f64,
+    pub ingress_vs_hand: f64,
+    /// Inside the ingress: publish to confirm, on average (its /metrics).
+    pub ingress_publish_avg_ms: f64,
+    /// Backlog messages delivered, recorded and acked per second.
+    pub worker_per_s: f64,
+    pub worker_ratio: f64,
+    pub worker_cpu_us: f64,
+    /// The hand-written forwarder on the same backlog and target.
+    pub hand_forwarder_per_s: f64,
+    pub hand_forwarder_cpu_us: f64,
+    pub worker_vs_hand: f64,
+    /// `dlq list` reading, and `shovel` moving, `dead_letters` of them.
+    pub dead_letters: u32,
+    pub dlq_list_per_s: f64,
+    pub dlq_list_cpu_us: f64,
+    pub shovel_per_s: f64,
+    pub shovel_cpu_us: f64,
+    /// One delivery to the target, on average (the worker's /metrics).
+    pub worker_delivery_avg_ms: f64,
+    /// SQLite transactions for the whole drain (two writes per message, batched).
+    pub worker_dedup_commits: u64,
+    pub e2e_messages: u32,
+    pub e2e_rate_per_s: u32,
+    /// From the 202 at the client to the delivery at the target; a delivery
+    /// that beats the 202 back to the client counts as 0.
+    pub e2e_p50_ms: f64,
+    pub e2e_p99_ms: f64,
+    /// From the start of the POST to the delivery at the target.
+    pub e2e_from_post_p50_ms: f64,
+    pub e2e_from_post_p99_ms: f64,
+    /// VmHWM of this process (client, ingress, worker and target together).
+    pub peak_rss_mib: Option<f64>,
+    pub lru_keys: u32,
+    /// A lone worker process after delivering [`PROBE_MESSAGES`].
+    pub worker_rss_before_mib: f64,
+    /// The same process with `lru_keys` keys in its LRU.
+    pub worker_rss_after_mib: f64,
+    pub worker_lru_len: u64,
+    /// `--partitions`: many worker processes on partitions against one.
+    pub scale: Option<ScaleFigures>,
+    pub elapsed_s: f64,
+    pub goals: Vec<Goal>,
+}
 
 /// One line of the table: the figure, hookq's value, and where there is one
 /// the hand-written code's and the raw broker's, each with hookq's ratio to it.

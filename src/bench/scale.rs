@@ -91,7 +91,7 @@ async fn drain(
                 .arg("--config")
                 .arg(&config)
                 .arg("worker")
-                .env("HOOKQ_LOG", "error")
+                .env("HOOKQ_LOG", crate::telemetry::QUIET_FILTER)
                 .stdin(std::process::Stdio::null())
                 .stdout(std::process::Stdio::null())
                 .kill_on_drop(true)

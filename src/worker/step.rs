@@ -94,8 +94,8 @@ impl Step {
     /// too). The caller opens the tracing span.
     pub async fn run<S: Settle, R: Republish>(&self, msg: Message<S>, out: &R) -> Outcome {
         let (env, outcome) = match msg.envelope {
-            Ok(env) => {
-                let outcome = self.settle(&env, msg.settle, out).await;
+            Ok(mut env) => {
+                let outcome = self.settle(&mut env, msg.settle, out).await;
                 (env, outcome)
             }
             Err((err, stand_in)) => {
@@ -117,7 +117,14 @@ impl Step {
         outcome
     }
 
-    async fn settle<S: Settle, R: Republish>(&self, env: &Envelope, msg: S, out: &R) -> Outcome {
+    /// `env` is this message's: what the step learns (attempts, the dead-letter
+    /// details) is written into it.
+    async fn settle<S: Settle, R: Republish>(
+        &self,
+        env: &mut Envelope,
+        msg: S,
+        out: &R,
+    ) -> Outcome {
         let mut busy_wait = BUSY_MIN;
         let held = loop {
             let check = self
@@ -163,7 +170,6 @@ impl Step {
                 }
             }
         };
-        let mut env = env.clone();
         env.attempts = env.attempts.max(held.attempts);
 
         if held.handbacks >= self.delivery_limit {
@@ -180,9 +186,7 @@ impl Step {
                 last_status: None,
                 dead_at: rfc3339_now(),
             };
-            return self
-                .dead_letter(&mut env, info, msg, Some(&held), out)
-                .await;
+            return self.dead_letter(env, info, msg, Some(&held), out).await;
         }
 
         // Back early from a delay tier shorter than the target's Retry-After.
@@ -195,19 +199,19 @@ impl Step {
                 let tier = self.policy.tier_at_least(remaining);
                 let why = "Retry-After not over yet";
                 return self
-                    .delay(&mut env, tier, Some(remaining), msg, &held, why, out)
+                    .delay(env, tier, Some(remaining), msg, &held, why, out)
                     .await;
             }
         }
 
-        let (result, failed) = self.deliver_inline(&env).await;
+        let (result, failed) = self.deliver_inline(env).await;
         match result {
             Ok(status) => {
                 tracing::debug!(status, "delivered");
                 if !self.record_done(&held).await {
                     return self.hand_back(msg).await;
                 }
-                if let Err(e) = out.done(&env).await {
+                if let Err(e) = out.done(env).await {
                     // Recorded here, not in the done-log: a copy that comes back
                     // to this host is a duplicate; one that goes to another host
                     // after a takeover may be delivered again.
@@ -244,18 +248,16 @@ impl Step {
                             last_status: e.status(),
                             dead_at: rfc3339_now(),
                         };
-                        self.dead_letter(&mut env, info, msg, Some(&held), out)
-                            .await
+                        self.dead_letter(env, info, msg, Some(&held), out).await
                     }
                     Decision::Delay { tier, floor } => {
                         let why = e.to_string();
-                        self.delay(&mut env, tier, floor, msg, &held, &why, out)
-                            .await
+                        self.delay(env, tier, floor, msg, &held, &why, out).await
                     }
                     // Only reached when stopping: park the retry on the broker.
                     Decision::Inline(_) => {
                         let tier = self.policy.tier_at_least(Duration::ZERO);
-                        self.delay(&mut env, tier, None, msg, &held, "stopping", out)
+                        self.delay(env, tier, None, msg, &held, "stopping", out)
                             .await
                     }
                 }
