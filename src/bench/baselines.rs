@@ -146,6 +146,77 @@ pub async fn consume_acked(
     Ok(elapsed)
 }
 
+/// The shovel a user would write by hand: consume `count` messages from
+/// `from` (prefetch `window`), publish each body with its properties to the
+/// queue `to` on a confirm-mode channel, and ack the original once the copy
+/// is confirmed: the same publish-then-ack order as `hookq shovel`, without
+/// its reading, filters or envelope. Returns the time from the first delivery
+/// to the last ack.
+pub async fn move_confirmed(
+    url: &AmqpUrl,
+    from: &str,
+    to: &str,
+    count: u32,
+    window: u16,
+) -> Result<Duration, Error> {
+    let connection = connect(url, "hookq-bench-hand-move").await?;
+    let (consume, publish) = (
+        connection.create_channel().await?,
+        connection.create_channel().await?,
+    );
+    publish
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    consume
+        .basic_qos(window, BasicQosOptions::default())
+        .await?;
+    let mut consumer = consume
+        .basic_consume(
+            from.into(),
+            "hookq-bench-hand-move".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let mut moves = FuturesUnordered::new();
+    let (mut received, mut first) = (0u32, None::<Instant>);
+    while received < count || !moves.is_empty() {
+        tokio::select! {
+            Some(r) = moves.next(), if !moves.is_empty() => { r?; }
+            d = consumer.next(), if received < count => {
+                let Some(d) = d else { return Err(Error::Unavailable) };
+                let d = d?;
+                first.get_or_insert_with(Instant::now);
+                received += 1;
+                let publish = &publish;
+                moves.push(async move {
+                    let confirm = publish
+                        .basic_publish(
+                            "".into(),
+                            to.into(),
+                            BasicPublishOptions { mandatory: true, ..Default::default() },
+                            &d.data,
+                            d.properties.clone(),
+                        )
+                        .await?
+                        .await?;
+                    if !matches!(confirm, Confirmation::Ack(None)) {
+                        return Err(Error::Nacked);
+                    }
+                    match d.acker.ack(BasicAckOptions::default()).await {
+                        Ok(true) => Ok(()),
+                        Ok(false) => Err(Error::Unavailable),
+                        Err(e) => Err(Error::Amqp(e)),
+                    }
+                });
+            }
+        }
+    }
+    let elapsed = first.map(|f| f.elapsed()).unwrap_or_default();
+    let _ = connection.close(200, "done".into()).await;
+    Ok(elapsed)
+}
+
 /// A durable queue of `queue_type` (`quorum`, `classic`), as a user declares one.
 async fn declare(channel: &Channel, queue: &str, queue_type: &str) -> Result<(), Error> {
     let mut args = FieldTable::default();

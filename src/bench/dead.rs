@@ -1,4 +1,5 @@
-//! The dead-letter tools' phase: `dlq list` and `shovel` over a full `P.dead`.
+//! The dead-letter tools' phase: `dlq list` and `shovel` over a full `P.dead`,
+//! and the hand-written shovel moving the same messages back.
 
 use std::time::{Duration, Instant};
 
@@ -16,6 +17,8 @@ pub(super) struct DeadFigures {
     pub list_cpu_us: f64,
     pub shovel_per_s: f64,
     pub shovel_cpu_us: f64,
+    /// The hand-written shovel moving the same messages back.
+    pub hand_move_per_s: f64,
 }
 
 /// Fills `P.dead` with `--messages` dead letters (published as a worker
@@ -98,11 +101,16 @@ async fn dead_letters_on(
         "the shovel moved {} of {n} dead letters",
         summary.moved.total()
     );
+    // The hand-written shovel moves them back, with the shovel's window.
+    let work = broker.topology().work_for(&env.key);
+    let window = u16::try_from(shovel::Options::default().window).unwrap_or(u16::MAX);
+    let hand = baselines::move_confirmed(url, &work, &dead, n, window).await?;
     Ok(DeadFigures {
         count: n,
         list_per_s: per_s(n, list),
         list_cpu_us,
         shovel_per_s: per_s(n, moved),
         shovel_cpu_us,
+        hand_move_per_s: per_s(n, hand),
     })
 }

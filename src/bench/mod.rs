@@ -297,6 +297,7 @@ pub async fn bench(settings: &Settings, args: &BenchArgs) -> anyhow::Result<Repo
         dlq_list_cpu_us: dead.list_cpu_us,
         shovel_per_s: dead.shovel_per_s,
         shovel_cpu_us: dead.shovel_cpu_us,
+        hand_move_per_s: dead.hand_move_per_s,
         worker_delivery_avg_ms: worker.delivery_avg_ms,
         worker_dedup_commits: worker.dedup_commits,
         e2e_messages: e2e.messages,

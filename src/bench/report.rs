@@ -65,6 +65,9 @@ pub struct Report {
     pub dlq_list_cpu_us: f64,
     pub shovel_per_s: f64,
     pub shovel_cpu_us: f64,
+    /// The hand-written shovel (consume, publish with confirm, ack) on the
+    /// same dead letters.
+    pub hand_move_per_s: f64,
     /// One delivery to the target, on average (the worker's /metrics).
     pub worker_delivery_avg_ms: f64,
     /// SQLite transactions for the whole drain (two writes per message, batched).
@@ -194,10 +197,13 @@ pub(super) fn print_table(r: &Report) {
             format!("dlq list, {} dead letters (msg/s)", r.dead_letters),
             format!("{:.0} ({:.0} us CPU)", r.dlq_list_per_s, r.dlq_list_cpu_us),
         ),
-        row(
-            format!("shovel, {} dead letters (msg/s)", r.dead_letters),
-            format!("{:.0} ({:.0} us CPU)", r.shovel_per_s, r.shovel_cpu_us),
-        ),
+        Row {
+            hand: beside(r.shovel_per_s, r.hand_move_per_s, false),
+            ..row(
+                format!("shovel, {} dead letters (msg/s)", r.dead_letters),
+                format!("{:.0} ({:.0} us CPU)", r.shovel_per_s, r.shovel_cpu_us),
+            )
+        },
         row(
             format!(
                 "end to end at {}/s, from 202: p50 / p99 (ms)",

@@ -216,6 +216,7 @@ async fn bench_json_has_every_figure() {
         "worker_vs_hand",
         "dlq_list_per_s",
         "shovel_per_s",
+        "hand_move_per_s",
     ] {
         assert!(num(&r, rate) > 0.0, "{rate} should be positive: {r}");
     }
