@@ -1,23 +1,29 @@
-//! `hookq bench`: what the ingress and the worker achieve on this machine and
-//! broker, set beside what the broker achieves with nothing of hookq around it,
-//! in one run on throwaway prefixes.
+//! `hookq bench`: what the ingress, the worker and the dead-letter tools
+//! achieve on this machine and broker, set beside the code a user would write
+//! by hand instead of hookq ([`baselines`]) and beside the broker with nothing
+//! around it, in one run on throwaway prefixes.
 //!
 //! Phases, in order:
 //! 1. raw broker: `--messages` persistent publishes with pipelined confirms
-//!    (`--connections` in flight, the same window the ingress gets, to the same
-//!    exchange and routing key), then consuming them with manual acks at the
-//!    configured prefetch, through [`crate::broker::raw`]: lapin on its own
-//!    connection, none of hookq's code. Measured again after phase 3, and
-//!    averaged, because a shared machine's background load drifts within a run;
-//! 2. ingress: `--messages` POSTs from a built-in client, `--connections` at
-//!    once, unique idempotency keys, `--body-bytes` bodies;
-//! 3. worker: the ingress phase left that backlog in `P.work`; a worker with
-//!    dedup on drains it to a local target that answers 200;
-//! 4. end to end: `up` at a moderate, paced rate; time from each 202 to the
+//!    (`--connections` in flight, to the same exchange and routing key), then
+//!    consuming them with manual acks at the configured prefetch: lapin on its
+//!    own connection. Measured again after the worker phases, and averaged,
+//!    because a shared machine's background load drifts within a run;
+//! 2. the hand-written ingress, then hookq's: `--messages` POSTs from the
+//!    built-in client ([`load`]), `--connections` at once, unique keys,
+//!    `--body-bytes` bodies;
+//! 3. hookq's worker draining the backlog the ingress left (dedup on) to a
+//!    local target that answers 200, then the hand-written forwarder draining
+//!    the hand-written ingress's backlog to the same target;
+//! 4. dead letters ([`dead`]): `dlq list` and `shovel` over `--messages` dead
+//!    letters, then the hand-written shovel moving them back;
+//! 5. end to end: `up` at a moderate, paced rate; time from each 202 to the
 //!    delivery at the target;
-//! 5. memory: this process's peak, and a lone worker process (this binary with
+//! 6. memory: this process's peak, and a lone worker process (this binary with
 //!    a hidden flag) measured after real work and again with `--lru-keys` keys
-//!    in its LRU.
+//!    in its LRU;
+//! 7. with `--partitions N` ([`scale`]): 3 worker processes (a store each) on N
+//!    partitions against 1 on 1.
 //!
 //! Where the time goes is reported beside each rate: CPU per message of this
 //! process, the ingress's publish-to-confirm time and the worker's delivery
