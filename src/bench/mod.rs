@@ -1,6 +1,6 @@
 //! `hookq bench`: what the ingress, the worker and the dead-letter tools
 //! achieve on this machine and broker, set beside the code a user would write
-//! by hand instead of hookq ([`baselines`]) and beside the broker with nothing
+//! by hand instead of hookq (`baselines`) and beside the broker with nothing
 //! around it, in one run on throwaway prefixes.
 //!
 //! Phases, in order:
@@ -10,19 +10,19 @@
 //!    own connection. Measured again after the worker phases, and averaged,
 //!    because a shared machine's background load drifts within a run;
 //! 2. the hand-written ingress, then hookq's: `--messages` POSTs from the
-//!    built-in client ([`load`]), `--connections` at once, unique keys,
+//!    built-in client (`load`), `--connections` at once, unique keys,
 //!    `--body-bytes` bodies;
 //! 3. hookq's worker draining the backlog the ingress left (dedup on) to a
 //!    local target that answers 200, then the hand-written forwarder draining
 //!    the hand-written ingress's backlog to the same target;
-//! 4. dead letters ([`dead`]): `dlq list` and `shovel` over `--messages` dead
+//! 4. dead letters (`dead`): `dlq list` and `shovel` over `--messages` dead
 //!    letters, then the hand-written shovel moving them back;
 //! 5. end to end: `up` at a moderate, paced rate; time from each 202 to the
 //!    delivery at the target;
 //! 6. memory: this process's peak, and a lone worker process (this binary with
 //!    a hidden flag) measured after real work and again with `--lru-keys` keys
 //!    in its LRU;
-//! 7. with `--partitions N` ([`scale`]): 3 worker processes (a store each) on N
+//! 7. with `--partitions N` (`scale`): 3 worker processes (a store each) on N
 //!    partitions against 1 on 1.
 //!
 //! Where the time goes is reported beside each rate: CPU per message of this
