@@ -13,7 +13,7 @@
 //! (the envelope on the broker), [`system`] (a running hookq as one handle),
 //! [`events`] (what happened, for [`metrics`], tests and tools), [`http`]
 //! (serving, health and metrics routes), [`harness`] (throwaway parts for tests,
-//! [`simulate`] and [`bench`]).
+//! [`simulate`] and [`bench`](mod@bench)).
 
 pub mod bench;
 pub mod broker;

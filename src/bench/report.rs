@@ -84,7 +84,7 @@ pub struct Report {
     /// VmHWM of this process (client, ingress, worker and target together).
     pub peak_rss_mib: Option<f64>,
     pub lru_keys: u32,
-    /// A lone worker process after delivering [`PROBE_MESSAGES`].
+    /// A lone worker process after delivering the probe's messages.
     pub worker_rss_before_mib: f64,
     /// The same process with `lru_keys` keys in its LRU.
     pub worker_rss_after_mib: f64,

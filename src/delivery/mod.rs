@@ -1,7 +1,7 @@
 //! Delivery to the user's application, and what its answer means.
 //!
-//! [`http`] forwards the original body and headers to the target with the
-//! Idempotency-Key; [`log`] prints one JSON line per event and always succeeds.
+//! `http` forwards the original body and headers to the target with the
+//! Idempotency-Key; `log` prints one JSON line per event and always succeeds.
 //! This module does not retry: it reports one attempt's outcome and the worker
 //! asks `retry.rs` what to do about it.
 

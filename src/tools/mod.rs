@@ -1,6 +1,6 @@
 //! Operators' tools on `P.dead`: reading dead letters without moving them
 //! ([`dead_letters`]), moving them back to work ([`shovel`]), and the commands
-//! that present both ([`commands`]); and `hookq topology` ([`topology`]).
+//! that present both ([`commands`]); and `hookq topology` ([`topology`](mod@topology)).
 
 pub mod commands;
 pub mod dead_letters;

@@ -252,7 +252,7 @@ fn fail(path: &str, healthy: &AtomicBool, batch: Vec<Request>, e: &rusqlite::Err
 impl Store {
     /// Starts the store thread. Opening happens there, and is retried on every
     /// request while it fails, so a bad file does not stop the worker. `lease`:
-    /// see [`crate::config::DedupSettings::lease_ms`].
+    /// see [`crate::config::DedupSettings::lease`].
     /// `commits` counts the transactions it commits (`hookq_dedup_commits_total`).
     pub fn open(path: &Path, lease: Duration, commits: Counter) -> Self {
         let (tx, rx) = mpsc::channel();
