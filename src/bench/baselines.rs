@@ -43,6 +43,32 @@ async fn connect(url: &AmqpUrl, name: &str) -> Result<Connection, Error> {
     })
 }
 
+/// A consumer on `queue` with manual acks and `prefetch` unacked at most.
+async fn consumer(channel: &Channel, queue: &str, prefetch: u16) -> Result<lapin::Consumer, Error> {
+    channel
+        .basic_qos(prefetch, BasicQosOptions::default())
+        .await?;
+    let consumer = channel
+        .basic_consume(
+            queue.into(),
+            "hookq-bench".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    Ok(consumer)
+}
+
+/// Acks one delivery; `false` from lapin means the channel is gone, and the
+/// ack with it.
+async fn ack(acker: &lapin::Acker) -> Result<(), Error> {
+    match acker.ack(BasicAckOptions::default()).await {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(Error::Unavailable),
+        Err(e) => Err(Error::Amqp(e)),
+    }
+}
+
 /// Publishes `count` copies of `env` (persistent, `mandatory`, the properties
 /// hookq puts on the wire) to `exchange` with `routing_key`, on one
 /// confirm-mode channel with up to `window` publishes awaiting their confirm at
@@ -105,17 +131,7 @@ pub async fn consume_acked(
 ) -> Result<Duration, Error> {
     let connection = connect(url, "hookq-bench-raw-consume").await?;
     let channel = connection.create_channel().await?;
-    channel
-        .basic_qos(prefetch, BasicQosOptions::default())
-        .await?;
-    let mut consumer = channel
-        .basic_consume(
-            queue.into(),
-            "hookq-bench-raw".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+    let mut consumer = consumer(&channel, queue, prefetch).await?;
     let mut acks = FuturesUnordered::new();
     let mut received = 0u32;
     let mut first: Option<Instant> = None;
@@ -128,12 +144,7 @@ pub async fn consume_acked(
                 first.get_or_insert_with(Instant::now);
                 received += 1;
                 acks.push(async move {
-                    // `false`: the channel is gone and the ack with it.
-                    match d.acker.ack(BasicAckOptions::default()).await {
-                        Ok(true) => Ok(()),
-                        Ok(false) => Err(Error::Unavailable),
-                        Err(e) => Err(Error::Amqp(e)),
-                    }
+                    ack(&d.acker).await
                 });
             }
         }
@@ -167,17 +178,7 @@ pub async fn move_confirmed(
     publish
         .confirm_select(ConfirmSelectOptions::default())
         .await?;
-    consume
-        .basic_qos(window, BasicQosOptions::default())
-        .await?;
-    let mut consumer = consume
-        .basic_consume(
-            from.into(),
-            "hookq-bench-hand-move".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+    let mut consumer = consumer(&consume, from, window).await?;
     let mut moves = FuturesUnordered::new();
     let (mut received, mut first) = (0u32, None::<Instant>);
     while received < count || !moves.is_empty() {
@@ -203,11 +204,7 @@ pub async fn move_confirmed(
                     if !matches!(confirm, Confirmation::Ack(None)) {
                         return Err(Error::Nacked);
                     }
-                    match d.acker.ack(BasicAckOptions::default()).await {
-                        Ok(true) => Ok(()),
-                        Ok(false) => Err(Error::Unavailable),
-                        Err(e) => Err(Error::Amqp(e)),
-                    }
+                    ack(&d.acker).await
                 });
             }
         }

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 
 use super::probe::{cpu_time, cpu_us_per};
-use super::{STALL, baselines, per_s, sample, say};
+use super::{STALL, baselines, first_url, per_s, sample, say};
 use crate::cli::BenchArgs;
 use crate::config::Settings;
 use crate::harness::Sandbox;
@@ -50,12 +50,7 @@ async fn dead_letters_on(
     use crate::tools::{dead_letters, shovel};
     let n = args.messages;
     let broker = sandbox.broker().await?;
-    let url = sandbox
-        .settings
-        .amqp
-        .urls
-        .first()
-        .context("amqp.url lists no broker")?;
+    let url = first_url(&sandbox.settings)?;
     let mut env = sample(body, "dead");
     env.attempts = 5;
     env.dead = Some(DeadInfo {

@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 use super::load::{IngressFigures, load};
 use super::probe::{cpu_time, cpu_us_per};
 use super::target::Sink;
-use super::{STALL, baselines, per_s, say};
+use super::{STALL, baselines, first_url, per_s, say};
 use crate::cli::BenchArgs;
 use crate::harness::Sandbox;
 
@@ -38,12 +38,7 @@ pub(super) async fn hand_ingress(
         body.len(),
         args.connections
     ));
-    let url = sandbox
-        .settings
-        .amqp
-        .urls
-        .first()
-        .context("amqp.url lists no broker")?;
+    let url = first_url(&sandbox.settings)?;
     let stop = CancellationToken::new();
     let _stop = stop.clone().drop_guard();
     let queue_type = sandbox.settings.amqp.queue_type.as_str();
@@ -69,7 +64,7 @@ pub(super) async fn hand_forwarder(
         "hand-written forwarder: draining a backlog of {count} messages (target answers 200)"
     ));
     let s = &sandbox.settings;
-    let url = s.amqp.urls.first().context("amqp.url lists no broker")?;
+    let url = first_url(s)?;
     let queue = hand_queue(sandbox);
     let cpu = cpu_time();
     let took = tokio::time::timeout(

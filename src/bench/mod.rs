@@ -112,6 +112,16 @@ pub async fn run(settings: &Settings, args: &BenchArgs) -> anyhow::Result<ExitCo
     Ok(ExitCode::SUCCESS)
 }
 
+/// The broker the benchmark's own lapin connections use: the first of
+/// `amqp.url`.
+fn first_url(settings: &Settings) -> anyhow::Result<&crate::config::AmqpUrl> {
+    settings
+        .amqp
+        .urls
+        .first()
+        .context("amqp.url lists no broker")
+}
+
 fn say(what: impl std::fmt::Display) {
     eprintln!("hookq bench: {what}");
 }

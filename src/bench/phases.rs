@@ -10,7 +10,7 @@ use axum::http::StatusCode;
 use super::load::{IngressFigures, load};
 use super::probe::{cpu_time, cpu_us_per, mean_ms, metric};
 use super::target::Sink;
-use super::{E2E_RATE, STALL, baselines, per_s, sample, say};
+use super::{E2E_RATE, STALL, baselines, first_url, per_s, sample, say};
 use crate::cli::BenchArgs;
 use crate::config::Settings;
 use crate::events::{Event, Outcome};
@@ -56,12 +56,7 @@ pub(super) async fn raw(
         rawq.broker().await?;
         let topo = rawq.topology();
         let (queue, exchange) = (topo.work(0), topo.exchange());
-        let url = rawq
-            .settings
-            .amqp
-            .urls
-            .first()
-            .context("amqp.url lists no broker")?;
+        let url = first_url(&rawq.settings)?;
         let env = sample(body, "raw");
         let routing_key = topo.routing_key(&env.source, &env.key);
         let cpu = cpu_time();
