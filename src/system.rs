@@ -46,6 +46,9 @@ pub struct System {
     app: Option<Arc<App>>,
     /// One per part; ready when every one is connected.
     brokers: Vec<Broker>,
+    /// The admin API's own connection, when it is on: part of [`System::ready`],
+    /// not of /readyz (the ingress and the worker work without it).
+    admin_broker: Option<Broker>,
     stop: CancellationToken,
     task: JoinHandle<anyhow::Result<()>>,
 }
@@ -203,6 +206,7 @@ impl System {
             worker,
             app,
             brokers,
+            admin_broker: admin.as_ref().map(|a| a.broker().clone()),
             stop,
             task,
         })
@@ -226,7 +230,7 @@ impl System {
     /// Waits until every part is connected (false when `within` passed first).
     pub async fn ready(&self, within: std::time::Duration) -> bool {
         let all = async {
-            for b in &self.brokers {
+            for b in self.brokers.iter().chain(&self.admin_broker) {
                 if !b.wait_ready(&self.stop).await {
                     return false;
                 }

@@ -84,9 +84,17 @@ async fn a_wrong_or_missing_token_gets_401_and_reads_nothing() {
     assert_eq!(seen, ids);
     let _ = conn.close(200, "bye".into()).await;
 
-    // The right token reads; the read is logged with the label.
+    // The right token reads (once the admin API's own connection is up);
+    // the read is logged with the label.
     wait_until(T, "the dead letters back", || async {
         broker.queue_len(&dead).await.unwrap() == 5
+    })
+    .await;
+    wait_until(T, "the admin API's broker connection", || async {
+        p.logs.lock().unwrap().iter().any(|l| {
+            l["connection"] == "hookq-admin"
+                && l["message"] == "connected to RabbitMQ, topology declared"
+        })
     })
     .await;
     assert_eq!(a.stats().await["total"], 5);
