@@ -214,9 +214,20 @@ try {
   await page.click("#move");
   await page.waitForSelector("#confirm:not([hidden])");
   assert.ok((await page.textContent("#confirm-text")).includes("source = shop"));
+  // Record whether the progress shows while the run goes (it may be short).
+  await page.evaluate(() => {
+    window.__progressSeen = [];
+    const box = document.querySelector("#progress-box");
+    new MutationObserver(() => {
+      if (!box.hidden) window.__progressSeen.push(document.querySelector("#progress-text").textContent);
+    }).observe(box, { attributes: true, subtree: true, childList: true, characterData: true });
+  });
   await page.click("#confirm-yes");
   await page.waitForFunction(() => document.querySelector("#outcome").textContent.includes("Moved 3 dead letter(s)"));
   await page.waitForFunction(() => document.querySelector("#list-note").textContent.startsWith("0 of 3"));
+  const seen = await page.evaluate(() => window.__progressSeen);
+  assert.ok(seen.length > 0 && seen[0] === "moving…", `the progress showed while moving: ${JSON.stringify(seen)}`);
+  assert.ok(await page.isHidden("#progress-box"), "and went away with the outcome");
   await page.waitForFunction(() => document.querySelector("#stats .stat .value").textContent.trim() === "3");
   await page.screenshot({ path: join(SHOTS, "outcome.png"), fullPage: true });
   step("moving back the filter's dead letters shows the outcome and empties the filtered table");
