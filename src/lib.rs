@@ -15,6 +15,7 @@
 //! (serving, health and metrics routes), [`harness`] (throwaway parts for tests,
 //! [`simulate`] and [`bench`](mod@bench)).
 
+pub mod admin;
 pub mod bench;
 pub mod broker;
 pub mod cli;

@@ -49,6 +49,13 @@ pub struct ConnectionLabels {
     pub node: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AdminLabels {
+    /// The route's pattern (`/admin/dlq/{id}`), never the path a client sent.
+    pub route: &'static str,
+    pub status: u16,
+}
+
 /// The `source` label of every source not named in the configuration.
 pub const OTHER_SOURCE: &str = "_other";
 
@@ -78,6 +85,7 @@ pub struct Metrics {
     pub dedup_commits: Counter,
     /// 1 for each partition this worker is the active consumer of.
     partitions: Family<PartitionLabels, Gauge>,
+    admin_requests: Family<AdminLabels, Counter>,
 }
 
 impl Metrics {
@@ -149,6 +157,12 @@ impl Metrics {
             "SQLite transactions committed by the dedup store",
             dedup_commits.clone(),
         );
+        let admin_requests = Family::<AdminLabels, Counter>::default();
+        registry.register(
+            "admin_requests",
+            "Requests to the admin API by route and status (401s included)",
+            admin_requests.clone(),
+        );
         Arc::new(Self {
             registry,
             known_sources: known_sources.into_iter().collect(),
@@ -163,7 +177,15 @@ impl Metrics {
             connected,
             dedup_commits,
             partitions,
+            admin_requests,
         })
+    }
+
+    /// One answer of the admin API.
+    pub fn admin_request(&self, route: &'static str, status: u16) {
+        self.admin_requests
+            .get_or_create(&AdminLabels { route, status })
+            .inc();
     }
 
     /// The `source` label for a source name: itself when configured, else `_other`.

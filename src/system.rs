@@ -18,6 +18,7 @@ use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::admin::{self, Admin};
 use crate::broker::{Broker, Topology};
 use crate::config::Settings;
 use crate::events::{Event, Events};
@@ -45,6 +46,9 @@ pub struct System {
     app: Option<Arc<App>>,
     /// One per part; ready when every one is connected.
     brokers: Vec<Broker>,
+    /// The admin API's own connection, when it is on: part of [`System::ready`],
+    /// not of /readyz (the ingress and the worker work without it).
+    admin_broker: Option<Broker>,
     stop: CancellationToken,
     task: JoinHandle<anyhow::Result<()>>,
 }
@@ -122,6 +126,20 @@ impl System {
             ready,
         });
 
+        // The admin API, when a token is configured, on the ops listener:
+        // the ingress's for `up` and `ingress`, the worker's for `worker`. Its
+        // own connection, so that reading P.dead never competes with the
+        // ingress's publishes or the worker's consumers.
+        let admin = (settings.admin.token.is_some()).then(|| {
+            let b = Broker::start(urls, "hookq-admin", topology.clone(), events.clone());
+            Admin::new(&settings.admin, b, &events)
+        });
+        let admin = admin.flatten();
+        let ops_router = match &admin {
+            Some(a) => health_router.merge(admin::router(a.clone(), events.clone())),
+            None => health_router,
+        };
+
         let ingress_addr = ingress_listener.as_ref().and_then(|l| l.local_addr().ok());
         let ops_addr = ops_listener.as_ref().and_then(|l| l.local_addr().ok());
         if let Some(addr) = ingress_addr {
@@ -130,22 +148,30 @@ impl System {
         if let Some(addr) = ops_addr {
             tracing::info!(%addr, "worker metrics listening: /metrics /healthz /readyz");
         }
+        if let Some(addr) = ops_addr.or(ingress_addr)
+            && admin.is_some()
+        {
+            tracing::info!(%addr, label = %settings.admin.label, "admin API and console on http://{addr}/admin/ (bearer token required for /admin/dlq/*)");
+        }
 
         let mut servers = Vec::new();
         if let (Some(l), Some(app)) = (ingress_listener, app.clone()) {
-            let router = ingress::router(app).merge(health_router.clone());
+            let router = ingress::router(app).merge(ops_router.clone());
             servers.push(tokio::spawn(crate::http::serve(l, router, stop.clone())));
         }
         if let Some(l) = ops_listener {
             servers.push(tokio::spawn(crate::http::serve(
                 l,
-                health_router,
+                ops_router,
                 stop.clone(),
             )));
         }
         let w = worker.clone();
         let until = stop.clone();
-        let parts_brokers = brokers.clone();
+        let mut parts_brokers = brokers.clone();
+        if let Some(a) = &admin {
+            parts_brokers.push(a.broker().clone());
+        }
         let task = tokio::spawn(async move {
             let brokers = parts_brokers;
             let worker_result = match w {
@@ -180,6 +206,7 @@ impl System {
             worker,
             app,
             brokers,
+            admin_broker: admin.as_ref().map(|a| a.broker().clone()),
             stop,
             task,
         })
@@ -203,7 +230,7 @@ impl System {
     /// Waits until every part is connected (false when `within` passed first).
     pub async fn ready(&self, within: std::time::Duration) -> bool {
         let all = async {
-            for b in &self.brokers {
+            for b in self.brokers.iter().chain(&self.admin_broker) {
                 if !b.wait_ready(&self.stop).await {
                     return false;
                 }

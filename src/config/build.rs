@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use super::file;
 use super::{
-    AmqpSettings, AmqpUrl, DedupSettings, Error, IngressSettings, MAX_MS, RetrySettings,
-    SchemeKind, Secret, Settings, SourceSettings, TargetUrl, WorkerPartitions, WorkerSettings,
-    valid_source_name,
+    AdminSettings, AmqpSettings, AmqpUrl, DedupSettings, Error, IngressSettings, MAX_MS,
+    MIN_ADMIN_TOKEN, RetrySettings, SchemeKind, Secret, Settings, SourceSettings, TargetUrl,
+    WorkerPartitions, WorkerSettings, valid_source_name,
 };
 
 fn ms(v: u64) -> Duration {
@@ -209,6 +209,8 @@ pub(super) fn settings(
         ));
     }
 
+    let admin = admin(&raw.admin, env)?;
+
     let mut sources = BTreeMap::new();
     for (name, s) in &raw.sources {
         sources.insert(name.clone(), source(name, s, env)?);
@@ -219,7 +221,61 @@ pub(super) fn settings(
         worker,
         retry,
         dedup,
+        admin,
         sources,
+    })
+}
+
+/// `[admin]`: the token from `token` or the variable `token_env` names, read
+/// now so that a missing or weak token stops hookq at start, not at the first
+/// request.
+fn admin(a: &file::Admin, env: &dyn Fn(&str) -> Option<String>) -> Result<AdminSettings, Error> {
+    let token = match (&a.token, &a.token_env) {
+        (Some(_), Some(_)) => {
+            return Err(Error::new(
+                "admin.token",
+                "set either admin.token or admin.token_env, not both",
+            ));
+        }
+        (Some(t), None) => Some((t.clone(), "admin.token")),
+        (None, Some(var)) => Some((
+            env(var).ok_or_else(|| {
+                Error::new(
+                    "admin.token_env",
+                    format!("environment variable {var} is not set"),
+                )
+            })?,
+            "admin.token_env",
+        )),
+        (None, None) => None,
+    };
+    if let Some((t, from)) = &token {
+        let n = t.chars().count();
+        if n < MIN_ADMIN_TOKEN || t.trim() != t {
+            let from = if *from == "admin.token" {
+                String::new()
+            } else {
+                format!(" (read from the variable {from} names)")
+            };
+            return Err(Error::new(
+                "admin.token",
+                format!(
+                    "the admin token{from} must be at least {MIN_ADMIN_TOKEN} characters without \
+                     surrounding spaces (got {n}); generate one with `openssl rand -hex 32`"
+                ),
+            ));
+        }
+    }
+    let label = a.label.trim();
+    if label.is_empty() || label.len() > 64 || label.chars().any(char::is_control) {
+        return Err(Error::new(
+            "admin.label",
+            "must be 1 to 64 characters, no control characters",
+        ));
+    }
+    Ok(AdminSettings {
+        token: token.map(|(t, _)| Secret::new(t)),
+        label: label.to_string(),
     })
 }
 
@@ -344,6 +400,11 @@ impl Settings {
                 lru_capacity: self.dedup.lru_capacity,
                 retention_ms: to_ms(self.dedup.retention),
                 lease_ms: to_ms(self.dedup.lease),
+            },
+            admin: file::Admin {
+                token: self.admin.token.as_ref().map(|t| t.expose().to_string()),
+                token_env: None,
+                label: self.admin.label.clone(),
             },
             sources: self
                 .sources

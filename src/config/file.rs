@@ -19,6 +19,7 @@ pub(super) struct File {
     pub worker: Worker,
     pub retry: Retry,
     pub dedup: Dedup,
+    pub admin: Admin,
     pub sources: BTreeMap<String, Source>,
 }
 
@@ -135,6 +136,34 @@ pub(super) struct Dedup {
 impl Default for Dedup {
     fn default() -> Self {
         super::Settings::default().to_file().dedup
+    }
+}
+
+/// `[admin]`: the admin API and console, off unless a token is given.
+#[derive(Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub(super) struct Admin {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_env: Option<String>,
+    pub label: String,
+}
+
+impl Default for Admin {
+    fn default() -> Self {
+        super::Settings::default().to_file().admin
+    }
+}
+
+/// The token never reaches logs: this Debug leaves it out.
+impl std::fmt::Debug for Admin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Admin")
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("token_env", &self.token_env)
+            .field("label", &self.label)
+            .finish()
     }
 }
 

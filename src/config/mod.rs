@@ -91,7 +91,30 @@ pub struct Settings {
     pub worker: WorkerSettings,
     pub retry: RetrySettings,
     pub dedup: DedupSettings,
+    pub admin: AdminSettings,
     pub sources: BTreeMap<String, SourceSettings>,
+}
+
+/// The admin API and console (`[admin]`): off unless a token is configured.
+#[derive(Debug, Clone)]
+pub struct AdminSettings {
+    /// Resolved from `token` or `token_env` at load; at least
+    /// [`MIN_ADMIN_TOKEN`] characters. `None`: the admin API is off (404).
+    pub token: Option<Secret>,
+    /// Who holds the token, for the logs of what an operator does.
+    pub label: String,
+}
+
+/// The shortest admin token accepted: shorter ones are guessable.
+pub const MIN_ADMIN_TOKEN: usize = 16;
+
+impl Default for AdminSettings {
+    fn default() -> Self {
+        Self {
+            token: None,
+            label: "admin".into(),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]

@@ -250,3 +250,47 @@ fn written_settings_load_back_the_same() {
         "http://t:1/p?q=1"
     );
 }
+
+#[test]
+fn the_admin_token_is_checked_and_read_from_the_environment() {
+    let off = load_with_env(None, env(&[])).unwrap();
+    assert!(off.admin.token.is_none(), "admin is off by default");
+    assert_eq!(off.admin.label, "admin");
+    let short = file("[admin]\ntoken = \"too-short\"\n");
+    let e = load_with_env(Some(short.path()), env(&[])).unwrap_err();
+    assert_eq!(e.key, "admin.token");
+    assert!(e.problem.contains("at least 16"), "{}", e.problem);
+    assert!(
+        !e.problem.contains("too-short"),
+        "the token is never echoed"
+    );
+    let from_env = file("[admin]\ntoken_env = \"ADMIN_T\"\nlabel = \"ops-team\"\n");
+    let s = load_with_env(
+        Some(from_env.path()),
+        env(&[("ADMIN_T", "0123456789abcdef0123")]),
+    )
+    .unwrap();
+    assert_eq!(s.admin.token.unwrap().expose(), "0123456789abcdef0123");
+    assert_eq!(s.admin.label, "ops-team");
+    let e = load_with_env(Some(from_env.path()), env(&[])).unwrap_err();
+    assert_eq!(e.key, "admin.token_env");
+    let e = load_with_env(Some(from_env.path()), env(&[("ADMIN_T", "short")])).unwrap_err();
+    assert_eq!(e.key, "admin.token");
+    let unknown = file("[admin]\ntokn = \"0123456789abcdef0123\"\n");
+    let e = load_with_env(Some(unknown.path()), env(&[])).unwrap_err();
+    assert!(e.key.starts_with("admin"), "{}", e.key);
+    assert!(e.problem.contains("tokn"), "{}", e.problem);
+    let s = load_with_env(
+        None,
+        env(&[("HOOKQ__ADMIN__TOKEN", "00000000000000000000")]),
+    )
+    .unwrap();
+    assert_eq!(
+        s.admin.token.as_ref().unwrap().expose(),
+        "00000000000000000000"
+    );
+    // Written back and read again: the same token (child processes get a file).
+    let again = file(&s.to_toml());
+    let back = load_with_env(Some(again.path()), env(&[])).unwrap();
+    assert_eq!(back.admin.token, s.admin.token);
+}

@@ -27,6 +27,8 @@ pub struct Filter {
     pub source: Option<String>,
     pub reason: Option<DeadReason>,
     pub key: Option<String>,
+    /// Only these message ids (the admin console's selection); `None`: any.
+    pub message_ids: Option<std::collections::BTreeSet<String>>,
 }
 
 /// A command line that cannot mean anything (exit 2).
@@ -55,6 +57,7 @@ impl Filter {
             source: args.source.clone(),
             reason,
             key: args.key.clone(),
+            message_ids: None,
         })
     }
 
@@ -62,6 +65,10 @@ impl Filter {
     pub fn matches(&self, env: &Envelope) -> bool {
         self.source.as_ref().is_none_or(|s| *s == env.source)
             && self.key.as_ref().is_none_or(|k| *k == env.key.0)
+            && self
+                .message_ids
+                .as_ref()
+                .is_none_or(|ids| ids.contains(&env.message_id.0))
             && self
                 .reason
                 .is_none_or(|r| env.dead.as_ref().is_some_and(|d| d.reason == r))
@@ -393,6 +400,7 @@ mod tests {
             source: source.map(str::to_string),
             reason,
             key: key.map(str::to_string),
+            message_ids: None,
         };
         assert!(f(None, None, None).matches(&env));
         assert!(f(Some("shop"), Some(DeadReason::MaxAttempts), Some("shop:1")).matches(&env));
@@ -403,5 +411,10 @@ mod tests {
         no_reason.dead = None;
         assert!(!f(None, Some(DeadReason::MaxAttempts), None).matches(&no_reason));
         assert!(f(Some("shop"), None, None).matches(&no_reason));
+        let mut picked = f(None, None, None);
+        picked.message_ids = Some(["other".to_string()].into());
+        assert!(!picked.matches(&env));
+        picked.message_ids = Some([env.message_id.0.clone()].into());
+        assert!(picked.matches(&env));
     }
 }

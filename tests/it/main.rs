@@ -5,6 +5,7 @@
 #[macro_use]
 mod support;
 
+mod admin;
 mod dedup;
 mod faults;
 mod lifecycle;
