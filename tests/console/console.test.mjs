@@ -7,7 +7,7 @@
 //   HOOKQ_BIN      the hookq binary
 //   HOOKQ_CONFIG   a config file: its own amqp.prefix and dedup file, the admin token
 //   HOOKQ_TOKEN    the admin token
-//   SCREENSHOTS    where the screenshots go (docs/console)
+//   SCREENSHOTS    where the screenshots go (a scratch directory; docs/console with HOOKQ_SCREENSHOTS=docs/console)
 //   CHROMIUM       the browser (default /usr/bin/chromium)
 // It prints one line per step and ends with "console: N passed, 0 failed".
 

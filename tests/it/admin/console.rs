@@ -1,6 +1,8 @@
 //! The console in a real browser: tests/console/console.test.mjs drives
 //! headless Chromium (playwright-core) against a real `hookq up` on this
-//! test's prefix, and writes the screenshots to docs/console/. Skipped, loudly,
+//! test's prefix. Screenshots go to this test's scratch directory, or to
+//! `HOOKQ_SCREENSHOTS` when set (`HOOKQ_SCREENSHOTS=docs/console` refreshes
+//! the README's), so that a test run leaves the tree as it was. Skipped, loudly,
 //! only with HOOKQ_SKIP_BROWSER=1; .ci/run installs chromium, node and the
 //! npm packages.
 
@@ -38,13 +40,16 @@ async fn the_console_in_a_browser_lists_shows_and_moves_back() {
     env.settings.retry.max_attempts = 2;
     env.settings.retry.inline_attempts = 1;
     let config = env.config_file().expect("a config file");
+    let shots = std::env::var_os("HOOKQ_SCREENSHOTS")
+        .map(|d| root.join(d))
+        .unwrap_or_else(|| env.dir().join("screenshots"));
     let run = tokio::process::Command::new("node")
         .arg("console.test.mjs")
         .current_dir(&dir)
         .env("HOOKQ_BIN", env!("CARGO_BIN_EXE_hookq"))
         .env("HOOKQ_CONFIG", &config)
         .env("HOOKQ_TOKEN", TOKEN)
-        .env("SCREENSHOTS", root.join("docs/console"))
+        .env("SCREENSHOTS", &shots)
         .env("CHROMIUM", &chromium)
         .stdin(Stdio::null())
         .kill_on_drop(true)
