@@ -268,25 +268,32 @@ impl DeadLetters {
         };
         // Held messages are in reading order, so each one has a higher
         // delivery tag than the ones before it: a multiple nack on every
-        // HAND_BACK_RUN-th hands them back run by run. On a quorum queue the
-        // next run waits until the last one is back (see HAND_BACK_RUN).
+        // HAND_BACK_RUN-th hands them back run by run. On a quorum queue at
+        // most RUNS_IN_FLIGHT runs are on their way at once (see
+        // HAND_BACK_RUN).
         for held in [&mut self.held, &mut self.held_by_reader] {
             let run = std::mem::take(held);
             let n = run.len();
+            let mut sent = 0u64;
             for (i, acker) in run.into_iter().enumerate() {
-                if (i + 1) % HAND_BACK_RUN != 0 && i + 1 != n {
+                let last = i + 1 == n;
+                if (i + 1) % HAND_BACK_RUN != 0 && !last {
                     continue;
                 }
                 if let Err(e) = acker.requeue_through().await {
                     tracing::debug!(error = %e, "hand-back failed; closing the channel returns them");
                     break;
                 }
-                if let Some(ready) = expect.as_mut() {
-                    *ready += (i % HAND_BACK_RUN + 1) as u64;
-                    if !ready_again(&self.broker, &self.queue, *ready, deadline).await {
-                        expect = None;
-                    }
+                sent = (i + 1) as u64;
+                let wave_done = ((i + 1) / HAND_BACK_RUN).is_multiple_of(RUNS_IN_FLIGHT);
+                if let (Some(ready), true) = (expect, wave_done || last)
+                    && !ready_again(&self.broker, &self.queue, ready + sent, deadline).await
+                {
+                    expect = None;
                 }
+            }
+            if let Some(ready) = expect.as_mut() {
+                *ready += sent;
             }
         }
         self.consumer.close().await;
@@ -298,13 +305,18 @@ impl DeadLetters {
 }
 
 /// Held messages go back in runs of at most this many, one
-/// `basic.nack(multiple)` each, and on a quorum queue each run only once the
-/// one before is ready again. RabbitMQ 3.10 puts the messages of one return
+/// `basic.nack(multiple)` each. RabbitMQ 3.10 puts the messages of one return
 /// back in the order of an Erlang map of their ids, which is their order only
-/// up to 32 entries, and returns sent back to back can be applied out of
-/// order: handing back 10,000 dead letters with one nack, or with one nack
+/// up to 32 entries; and a channel with many commands not yet applied by the
+/// quorum queue (its Raft pipeline holds 32) merges the next returns into
+/// one: handing back 10,000 dead letters with one nack, or with one nack
 /// each, shuffled them (seen in the admin API's 10,000-dead-letter test).
 const HAND_BACK_RUN: usize = 32;
+
+/// On a quorum queue, how many runs are handed back before waiting until all
+/// of them are ready again: few enough that the channel never has a full Raft
+/// pipeline, so no two runs are merged and each is applied in order.
+const RUNS_IN_FLIGHT: usize = 8;
 
 /// How long [`DeadLetters::close`] waits, in all, for what it handed back to
 /// show as ready again.
