@@ -7,31 +7,18 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use axum::http::StatusCode;
-use axum::response::IntoResponse;
-use futures::StreamExt;
 use hookq::broker::Broker;
 use hookq::config::QueueType;
-use hookq::message::{DeadInfo, DeadReason, DedupKey, Envelope};
+use hookq::message::{DeadReason, Envelope};
 use hookq::system::System;
 use hookq::tools::dead_letters::Row;
 use hookq::tools::shovel::{Event, Filter, Options, Summary, shovel};
 
-use crate::support::{Client, FakeTarget, TestEnv, wait_until};
+use crate::support::{
+    Client, FakeTarget, TestEnv, publish_dead_letters, publish_foreign_dead_letter, wait_until,
+};
 
 const T: Duration = Duration::from_secs(20);
-
-/// The webhooks the fixture sends: (source, id). Ids with `bad` get 400 from
-/// the target (dead as `rejected` after one delivery), the others 500 (dead as
-/// `max_attempts` after two).
-const SENT: [(&str, &str); 6] = [
-    ("alpha", "bad-1"),
-    ("alpha", "flaky-1"),
-    ("alpha", "bad-2"),
-    ("alpha", "flaky-2"),
-    ("beta", "bad-3"),
-    ("beta", "flaky-3"),
-];
 
 /// Six real dead letters, made by a real worker against a target that fails
 /// until it is healed.
@@ -47,19 +34,7 @@ struct Fixture {
 
 impl Fixture {
     async fn new(name: &str, q: QueueType) -> Self {
-        let healed = Arc::new(AtomicBool::new(false));
-        let h = healed.clone();
-        let target = FakeTarget::start(move |_, r| {
-            if h.load(Ordering::SeqCst) {
-                StatusCode::OK
-            } else if r.key().contains(":bad-") {
-                StatusCode::BAD_REQUEST
-            } else {
-                StatusCode::INTERNAL_SERVER_ERROR
-            }
-            .into_response()
-        })
-        .await;
+        let (target, healed) = crate::support::failing_target().await;
         let mut env = TestEnv::new(name)
             .with_queue_type(q)
             .with_target(&target.url);
@@ -67,7 +42,7 @@ impl Fixture {
         env.settings.retry.inline_attempts = 1;
         let running = env.up().await;
         let c = Client::new(running.ingress_addr.unwrap());
-        for (source, id) in SENT {
+        for (source, id) in crate::support::DEAD_LETTER_SENT {
             c.send(source, id, &format!(r#"{{"id":"{id}"}}"#)).await;
         }
         wait_until(T, "six dead letters", || async {
@@ -315,12 +290,7 @@ async fn dry_run_lists_and_moves_nothing() {
         .filter_map(|l| l.strip_prefix("would move "))
         .map(|l| l.split_whitespace().next().unwrap())
         .collect();
-    let alpha: Vec<String> = f
-        .dead
-        .iter()
-        .filter(|e| e.source == "alpha")
-        .map(|e| e.message_id.0.clone())
-        .collect();
+    let alpha = crate::support::ids_from(&f.dead, "alpha");
     assert_eq!(listed, alpha, "{text}");
     assert!(text.contains("key=alpha:bad-1"), "{text}");
     assert!(text.contains("reason=max_attempts  attempts=2"), "{text}");
@@ -421,41 +391,6 @@ fn row(e: &Envelope) -> Row {
     }
 }
 
-/// Dead letters published straight to P.dead, many at a time.
-async fn publish_dead_letters(broker: &Broker, n: usize) -> HashSet<String> {
-    let envs: Vec<Envelope> = (0..n)
-        .map(|i| {
-            let mut e = Envelope::received(
-                "bulk",
-                DedupKey(format!("bulk:{i}")),
-                format!(r#"{{"i":{i}}}"#).into(),
-                Some("application/json".into()),
-                Default::default(),
-            );
-            e.attempts = 5;
-            e.dead = Some(DeadInfo {
-                reason: DeadReason::MaxAttempts,
-                last_error: "HTTP 503".into(),
-                last_status: Some(503),
-                dead_at: hookq::message::rfc3339_now(),
-            });
-            e
-        })
-        .collect();
-    let ids = envs.iter().map(|e| e.message_id.0.clone()).collect();
-    futures::stream::iter(envs)
-        .map(|e| async move {
-            broker
-                .publish_dead(&e, Duration::from_secs(10))
-                .await
-                .expect("publish dead letter")
-        })
-        .buffer_unordered(128)
-        .collect::<Vec<()>>()
-        .await;
-    ids
-}
-
 /// Every message id in `queue`, taken with a consumer and handed back.
 async fn ids_in(broker: &Broker, queue: &str) -> Vec<String> {
     let n = broker.queue_len(queue).await.unwrap() as usize;
@@ -482,7 +417,7 @@ async fn a_killed_shovel_loses_nothing_and_a_rerun_finishes() {
     let env = TestEnv::new("kill");
     let broker = env.broker().await;
     let (dead, work) = (env.topology().dead(), env.topology().work(0));
-    let originals = publish_dead_letters(&broker, N).await;
+    let originals: HashSet<String> = publish_dead_letters(&broker, N).await.into_iter().collect();
     assert_eq!(broker.queue_len(&dead).await.unwrap() as usize, N);
 
     let mut child = env
@@ -588,21 +523,7 @@ async fn a_refused_move_stops_the_run_and_a_rerun_finishes() {
 async fn a_foreign_message_in_the_dead_queue_is_listed_and_never_moved() {
     let env = TestEnv::new("foreign");
     let broker = env.broker().await;
-    let dead = env.topology().dead();
-    let (conn, ch) = env.raw_channel().await;
-    ch.confirm_select(Default::default()).await.unwrap();
-    ch.basic_publish(
-        dead.as_str().into(),
-        "".into(),
-        Default::default(),
-        b"not a webhook",
-        lapin::BasicProperties::default().with_message_id("foreign-1".into()),
-    )
-    .await
-    .unwrap()
-    .await
-    .unwrap();
-    let _ = conn.close(200, "bye".into()).await;
+    publish_foreign_dead_letter(&env, b"not a webhook", "foreign-1").await;
     publish_dead_letters(&broker, 1).await;
 
     let rows = hookq::tools::dead_letters::rows(&broker, None)

@@ -542,3 +542,102 @@ impl Client {
             .expect("get")
     }
 }
+
+/// `n` dead letters published straight to P.dead (source `bulk`, reason
+/// max_attempts), many at a time; their message ids, in publishing order.
+pub async fn publish_dead_letters(broker: &Broker, n: usize) -> Vec<String> {
+    use futures::StreamExt;
+    use hookq::message::{DeadInfo, DeadReason, DedupKey};
+    let envs: Vec<Envelope> = (0..n)
+        .map(|i| {
+            let mut e = Envelope::received(
+                "bulk",
+                DedupKey(format!("bulk:{i}")),
+                format!(r#"{{"i":{i}}}"#).into(),
+                Some("application/json".into()),
+                Default::default(),
+            );
+            e.attempts = 5;
+            e.dead = Some(DeadInfo {
+                reason: DeadReason::MaxAttempts,
+                last_error: "HTTP 503".into(),
+                last_status: Some(503),
+                dead_at: hookq::message::rfc3339_now(),
+            });
+            e
+        })
+        .collect();
+    let ids = envs.iter().map(|e| e.message_id.0.clone()).collect();
+    futures::stream::iter(envs)
+        .map(|e| async move {
+            broker
+                .publish_dead(&e, Duration::from_secs(10))
+                .await
+                .expect("publish dead letter")
+        })
+        .buffer_unordered(128)
+        .collect::<Vec<()>>()
+        .await;
+    ids
+}
+
+/// Puts a message that is not a hookq message (no hookq headers) in P.dead
+/// by hand, with `body` and message id `id`.
+pub async fn publish_foreign_dead_letter(env: &TestEnv, body: &[u8], id: &str) {
+    let dead = env.topology().dead();
+    let (conn, ch) = env.raw_channel().await;
+    ch.confirm_select(Default::default()).await.unwrap();
+    ch.basic_publish(
+        dead.as_str().into(),
+        "".into(),
+        Default::default(),
+        body,
+        lapin::BasicProperties::default().with_message_id(id.into()),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    let _ = conn.close(200, "bye".into()).await;
+}
+
+/// The webhooks the dead-letter fixtures send: (source, id). Ids with `bad`
+/// get 400 from [`failing_target`] (dead as `rejected` after one delivery),
+/// the others 500 (dead as `max_attempts` after two).
+pub const DEAD_LETTER_SENT: [(&str, &str); 6] = [
+    ("alpha", "bad-1"),
+    ("alpha", "flaky-1"),
+    ("alpha", "bad-2"),
+    ("alpha", "flaky-2"),
+    ("beta", "bad-3"),
+    ("beta", "flaky-3"),
+];
+
+/// A target that fails every [`DEAD_LETTER_SENT`] webhook (400 for `bad`
+/// ids, 500 for the others) until the flag it returns is set, then answers
+/// 200.
+pub async fn failing_target() -> (FakeTarget, Arc<std::sync::atomic::AtomicBool>) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let healed = Arc::new(AtomicBool::new(false));
+    let h = healed.clone();
+    let target = FakeTarget::start(move |_, r| {
+        if h.load(Ordering::SeqCst) {
+            StatusCode::OK
+        } else if r.key().contains(":bad-") {
+            StatusCode::BAD_REQUEST
+        } else {
+            StatusCode::INTERNAL_SERVER_ERROR
+        }
+        .into_response()
+    })
+    .await;
+    (target, healed)
+}
+
+/// The message ids of the envelopes from `source`, in order.
+pub fn ids_from(envs: &[Envelope], source: &str) -> Vec<String> {
+    envs.iter()
+        .filter(|e| e.source == source)
+        .map(|e| e.message_id.0.clone())
+        .collect()
+}

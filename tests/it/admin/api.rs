@@ -291,22 +291,8 @@ async fn a_foreign_binary_dead_letter_is_shown_in_base64_and_never_moved() {
     let sys = env.start(hookq::system::Parts::Ingress).await;
     assert!(sys.ready(T).await);
     let broker = env.broker().await;
-    let dead = env.topology().dead();
-    let (conn, ch) = env.raw_channel().await;
-    ch.confirm_select(Default::default()).await.unwrap();
-    ch.basic_publish(
-        dead.as_str().into(),
-        "".into(),
-        Default::default(),
-        b"\xff\xfe binary \x00",
-        lapin::BasicProperties::default().with_message_id("foreign-1".into()),
-    )
-    .await
-    .unwrap()
-    .await
-    .unwrap();
-    let _ = conn.close(200, "bye".into()).await;
-    super::publish_dead_letters(&broker, 1).await;
+    crate::support::publish_foreign_dead_letter(&env, b"\xff\xfe binary \x00", "foreign-1").await;
+    crate::support::publish_dead_letters(&broker, 1).await;
     let a = super::Admin::new(sys.ingress_addr.unwrap());
 
     let (_, v) = a.pending("").await;

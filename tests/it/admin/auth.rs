@@ -8,8 +8,8 @@ use std::time::Duration;
 use lapin::options::BasicGetOptions;
 use serde_json::{Value, json};
 
-use super::{Admin, LABEL, T, TOKEN, admin_env, bearer, publish_dead_letters};
-use crate::support::{sample, wait_until};
+use super::{Admin, LABEL, T, TOKEN, admin_env, bearer};
+use crate::support::{publish_dead_letters, sample, wait_until};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wrong_or_missing_token_gets_401_and_reads_nothing() {

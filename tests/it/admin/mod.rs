@@ -13,12 +13,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
-use axum::http::StatusCode;
-use axum::response::IntoResponse;
-use futures::StreamExt;
 use hookq::broker::Broker;
 use hookq::config::{QueueType, Secret};
-use hookq::message::{DeadInfo, DeadReason, DedupKey, Envelope};
+use hookq::message::Envelope;
 use hookq::system::System;
 use serde_json::Value;
 
@@ -161,17 +158,6 @@ pub fn bearer() -> String {
     format!("Bearer {TOKEN}")
 }
 
-/// The webhooks the fixture sends: (source, id). Ids with `bad` get 400 from
-/// the target (dead as `rejected`), the others 500 (dead as `max_attempts`).
-pub const SENT: [(&str, &str); 6] = [
-    ("alpha", "bad-1"),
-    ("alpha", "flaky-1"),
-    ("alpha", "bad-2"),
-    ("alpha", "flaky-2"),
-    ("beta", "bad-3"),
-    ("beta", "flaky-3"),
-];
-
 /// Six real dead letters made by a real `hookq up` against a target that
 /// fails until it is healed; the admin API on.
 pub struct Fixture {
@@ -188,25 +174,13 @@ pub struct Fixture {
 
 impl Fixture {
     pub async fn new(name: &str, q: QueueType) -> Self {
-        let healed = Arc::new(AtomicBool::new(false));
-        let h = healed.clone();
-        let target = FakeTarget::start(move |_, r| {
-            if h.load(Ordering::SeqCst) {
-                StatusCode::OK
-            } else if r.key().contains(":bad-") {
-                StatusCode::BAD_REQUEST
-            } else {
-                StatusCode::INTERNAL_SERVER_ERROR
-            }
-            .into_response()
-        })
-        .await;
+        let (target, healed) = crate::support::failing_target().await;
         let mut env = admin_env(name).with_queue_type(q).with_target(&target.url);
         env.settings.retry.max_attempts = 2;
         env.settings.retry.inline_attempts = 1;
         let up = env.up().await;
         let c = Client::new(up.ingress_addr.unwrap());
-        for (source, id) in SENT {
+        for (source, id) in crate::support::DEAD_LETTER_SENT {
             let r = c
                 .post(
                     source,
@@ -251,42 +225,6 @@ impl Fixture {
             .map(|e| e.message_id.0.clone())
             .collect()
     }
-}
-
-/// `n` dead letters published straight to P.dead (source `bulk`, reason
-/// max_attempts), many at a time; their message ids.
-pub async fn publish_dead_letters(broker: &Broker, n: usize) -> Vec<String> {
-    let envs: Vec<Envelope> = (0..n)
-        .map(|i| {
-            let mut e = Envelope::received(
-                "bulk",
-                DedupKey(format!("bulk:{i}")),
-                format!(r#"{{"i":{i}}}"#).into(),
-                Some("application/json".into()),
-                Default::default(),
-            );
-            e.attempts = 5;
-            e.dead = Some(DeadInfo {
-                reason: DeadReason::MaxAttempts,
-                last_error: "HTTP 503".into(),
-                last_status: Some(503),
-                dead_at: hookq::message::rfc3339_now(),
-            });
-            e
-        })
-        .collect();
-    let ids = envs.iter().map(|e| e.message_id.0.clone()).collect();
-    futures::stream::iter(envs)
-        .map(|e| async move {
-            broker
-                .publish_dead(&e, Duration::from_secs(10))
-                .await
-                .expect("publish dead letter")
-        })
-        .buffer_unordered(128)
-        .collect::<Vec<()>>()
-        .await;
-    ids
 }
 
 /// A count map of an answer (`by_source`, `by_reason`).

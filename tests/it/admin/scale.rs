@@ -8,7 +8,8 @@ use hookq::config::QueueType;
 use hookq::system::Parts;
 use serde_json::json;
 
-use super::{Admin, admin_env, publish_dead_letters};
+use super::{Admin, admin_env};
+use crate::support::publish_dead_letters;
 use crate::support::wait_until;
 
 const N: usize = 10_000;
