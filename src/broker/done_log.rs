@@ -7,9 +7,9 @@
 use std::time::Duration;
 
 use futures::StreamExt;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions};
-use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{BasicProperties, Channel, Confirmation};
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::{BasicProperties, Channel};
 
 use super::{Broker, Error};
 use crate::message::DedupKey;
@@ -61,35 +61,12 @@ impl Broker {
         headers: FieldTable,
         timeout: Duration,
     ) -> Result<(), Error> {
-        let session = self.session()?;
-        let channel = session.publisher().ok_or(Error::Unavailable)?;
         let stream = self.inner.topology.done(partition);
         let props = BasicProperties::default()
             .with_delivery_mode(2)
             .with_headers(headers);
-        let opts = BasicPublishOptions {
-            mandatory: true,
-            ..Default::default()
-        };
-        let queue = ShortString::try_new(stream).map_err(|_| Error::Unavailable)?;
-        let fut = async {
-            channel
-                .basic_publish(ShortString::default(), queue, opts, &body, props)
-                .await?
-                .await
-        };
-        match tokio::time::timeout(timeout, fut).await {
-            Err(_) => Err(Error::Timeout(timeout)),
-            Ok(Err(e)) => {
-                self.kick();
-                Err(Error::Amqp(e))
-            }
-            Ok(Ok(Confirmation::Ack(None))) => Ok(()),
-            Ok(Ok(Confirmation::Ack(Some(r)))) | Ok(Ok(Confirmation::Nack(Some(r)))) => {
-                Err(Error::Returned(r.reply_text.to_string()))
-            }
-            Ok(Ok(_)) => Err(Error::Nacked),
-        }
+        self.publish_confirmed("", &stream, &body, props, timeout)
+            .await
     }
 
     /// Appends the keys, done at `at_ms`, to partition `partition`'s done-log,

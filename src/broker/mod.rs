@@ -22,12 +22,12 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
 use std::time::Duration;
 
-use lapin::Confirmation;
 use lapin::options::{
     BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ExchangeDeleteOptions,
     QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{BasicProperties, Confirmation};
 use tokio::sync::{Mutex, Notify, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -265,14 +265,29 @@ impl Broker {
         expiration: Option<Duration>,
         timeout: Duration,
     ) -> Result<(), Error> {
-        let session = self.session()?;
-        let channel = session.publisher().ok_or(Error::Unavailable)?;
         let mut props = codec::encode(env);
         if let Some(e) = expiration
             && let Ok(ms) = ShortString::try_new(e.as_millis().to_string())
         {
             props = props.with_expiration(ms);
         }
+        self.publish_confirmed(exchange, routing_key, &env.body, props, timeout)
+            .await
+    }
+
+    /// One `mandatory` publish on this connection's publisher channel, and its
+    /// confirm within `timeout`: a return, a nack or a lost channel is an
+    /// error (the last also wakes the supervisor).
+    pub(crate) async fn publish_confirmed(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        props: BasicProperties,
+        timeout: Duration,
+    ) -> Result<(), Error> {
+        let session = self.session()?;
+        let channel = session.publisher().ok_or(Error::Unavailable)?;
         let opts = BasicPublishOptions {
             mandatory: true,
             ..Default::default()
@@ -283,7 +298,7 @@ impl Broker {
         );
         let fut = async {
             channel
-                .basic_publish(exchange, routing_key, opts, &env.body, props)
+                .basic_publish(exchange, routing_key, opts, body, props)
                 .await?
                 .await
         };
@@ -297,8 +312,7 @@ impl Broker {
             Ok(Ok(Confirmation::Ack(Some(r)))) | Ok(Ok(Confirmation::Nack(Some(r)))) => {
                 Err(Error::Returned(r.reply_text.to_string()))
             }
-            Ok(Ok(Confirmation::Nack(None))) => Err(Error::Nacked),
-            Ok(Ok(Confirmation::NotRequested)) => Err(Error::Nacked),
+            Ok(Ok(Confirmation::Nack(None) | Confirmation::NotRequested)) => Err(Error::Nacked),
         }
     }
 
