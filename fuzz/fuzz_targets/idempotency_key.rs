@@ -10,7 +10,7 @@
 use hookq::config::SourceSettings;
 use hookq::ingress::key::derive;
 use hookq::ingress::verify::SchemeKind;
-use hookq_fuzz::{header_block, line};
+use hookq_fuzz::{KINDS, header_block, line};
 use libfuzzer_sys::fuzz_target;
 
 /// The longest id kept as it is (`MAX_ID_BYTES` in ingress/key.rs).
@@ -34,13 +34,6 @@ fn source_name(raw: &[u8]) -> String {
 }
 
 fn kind(raw: &[u8]) -> SchemeKind {
-    const KINDS: [SchemeKind; 5] = [
-        SchemeKind::None,
-        SchemeKind::Github,
-        SchemeKind::Stripe,
-        SchemeKind::Standard,
-        SchemeKind::HmacSha256,
-    ];
     match raw {
         b"" | b"none" => SchemeKind::None,
         b"github" => SchemeKind::Github,

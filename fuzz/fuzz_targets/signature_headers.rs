@@ -27,20 +27,13 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use hmac::{Hmac, Mac};
 use hookq::ingress::verify::{Error, SchemeKind, Verifier};
-use hookq_fuzz::{Fixed, header_block, line, system_time};
+use hookq_fuzz::{Fixed, KINDS, header_block, line, system_time};
 use http::{HeaderMap, HeaderName, HeaderValue};
 use libfuzzer_sys::fuzz_target;
 use sha2::Sha256;
 
 const STD_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 const HMAC_HEADER: &str = "x-signature";
-const KINDS: [SchemeKind; 5] = [
-    SchemeKind::None,
-    SchemeKind::Github,
-    SchemeKind::Stripe,
-    SchemeKind::Standard,
-    SchemeKind::HmacSha256,
-];
 /// Every header a scheme reads.
 const READ: [&str; 6] = [
     "x-hub-signature-256",

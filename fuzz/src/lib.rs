@@ -117,3 +117,15 @@ mod tests {
         assert_eq!(body, b"body\n\nmore");
     }
 }
+
+/// Every signature scheme, for targets that pick one from the input.
+pub const KINDS: [hookq::ingress::verify::SchemeKind; 5] = {
+    use hookq::ingress::verify::SchemeKind;
+    [
+        SchemeKind::None,
+        SchemeKind::Github,
+        SchemeKind::Stripe,
+        SchemeKind::Standard,
+        SchemeKind::HmacSha256,
+    ]
+};

@@ -25,6 +25,16 @@ async fn host(env: &TestEnv, name: &str) -> Process {
 }
 
 /// Delivered and duplicate settlements that `hosts` report on their /metrics.
+/// A host's /metrics text.
+async fn metrics_of(h: &Process) -> String {
+    reqwest::get(format!("http://{}/metrics", h.addr))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
 async fn settled(hosts: &[&Process]) -> (f64, f64) {
     let (mut delivered, mut duplicate) = (0.0, 0.0);
     for h in hosts {
@@ -117,12 +127,7 @@ async fn three_hosts_two_ingresses_each_key_delivered_once() {
     assert_eq!(target.count(), 1200, "no copy reached the target");
     // The partitions are spread: every host delivered some.
     for (i, h) in all.iter().enumerate() {
-        let m = reqwest::get(format!("http://{}/metrics", h.addr))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let m = metrics_of(h).await;
         let active = (0..8)
             .filter(|p| {
                 sample(
@@ -161,12 +166,7 @@ async fn a_killed_host_loses_nothing_and_its_done_log_keeps_what_it_delivered() 
     let mut victim = {
         let mut at = None;
         for (i, h) in hosts.iter().enumerate() {
-            let m = reqwest::get(format!("http://{}/metrics", h.addr))
-                .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap();
+            let m = metrics_of(h).await;
             let delivered = sample(
                 &m,
                 r#"hookq_worker_deliveries_total{source="_other",outcome="delivered"}"#,
