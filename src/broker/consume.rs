@@ -1,11 +1,14 @@
 //! Taking messages off a queue: a consumer with manual acks (the worker) or
 //! a reader with `basic.get` (the tools), and settling each message once.
 
+use std::sync::Arc;
+
 use futures::StreamExt;
 use lapin::Channel;
 use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicGetOptions, BasicNackOptions};
 use tokio_util::sync::CancellationToken;
 
+use super::acks::Ledger;
 use super::{Broker, DecodeError, Error, codec};
 use crate::message::Envelope;
 
@@ -21,7 +24,12 @@ pub struct Incoming {
     pub lost: CancellationToken,
 }
 
-pub(super) fn incoming(d: lapin::message::Delivery, lost: &CancellationToken) -> Incoming {
+/// `ledger`: the channel's coalesced acks, when it has them (the worker's).
+pub(super) fn incoming(
+    d: lapin::message::Delivery,
+    lost: &CancellationToken,
+    ledger: Option<&Arc<Ledger>>,
+) -> Incoming {
     // The body moves into shared `Bytes` once; every later copy is a refcount.
     let body = bytes::Bytes::from(d.data);
     let envelope = match codec::decode(&d.properties, body.clone()) {
@@ -31,19 +39,33 @@ pub(super) fn incoming(d: lapin::message::Delivery, lost: &CancellationToken) ->
     Incoming {
         envelope,
         redelivered: d.redelivered,
-        acker: Acker(d.acker),
+        acker: Acker {
+            inner: d.acker,
+            tag: d.delivery_tag,
+            ledger: ledger.cloned(),
+        },
         lost: lost.clone(),
     }
 }
 
 /// Settles one delivery, once: `ack` and `nack` take it by value.
-pub struct Acker(pub(super) lapin::Acker);
+pub struct Acker {
+    inner: lapin::Acker,
+    tag: u64,
+    /// The worker's consumers coalesce acks (see [`Ledger`]).
+    ledger: Option<Arc<Ledger>>,
+}
 
 impl Acker {
     /// Errors when the ack could not be sent (lapin answers `false` when the
     /// channel it came from is gone): the broker will redeliver the message.
+    /// On a worker's consumer the ack may go out with others, as one
+    /// `basic.ack(multiple)`; it resolves once sent either way.
     pub async fn ack(self) -> Result<(), Error> {
-        if self.0.ack(BasicAckOptions::default()).await? {
+        if let Some(ledger) = &self.ledger {
+            return ledger.ack(self.tag, self.inner).await;
+        }
+        if self.inner.ack(BasicAckOptions::default()).await? {
             Ok(())
         } else {
             Err(Error::Unavailable)
@@ -54,9 +76,14 @@ impl Acker {
     /// channel, in one `basic.nack(multiple, requeue)`. Readers of `P.dead` put
     /// what they held back this way rather than by closing the channel:
     /// RabbitMQ 4.3 counts a lost channel (and `basic.reject`) against a quorum
-    /// queue's delivery limit, but not a `basic.nack`.
+    /// queue's delivery limit, but not a `basic.nack`. Only for channels
+    /// without coalesced acks: a multiple nack would take back acks not sent yet.
     pub async fn requeue_through(self) -> Result<(), Error> {
-        self.0
+        debug_assert!(
+            self.ledger.is_none(),
+            "requeue_through on a coalescing channel"
+        );
+        self.inner
             .nack(BasicNackOptions {
                 requeue: true,
                 multiple: true,
@@ -67,12 +94,18 @@ impl Acker {
 
     /// Hands the message back to the queue for another worker (or this one) to take.
     pub async fn requeue(self) -> Result<(), Error> {
-        self.0
+        let sent = self
+            .inner
             .nack(BasicNackOptions {
                 requeue: true,
                 ..Default::default()
             })
-            .await?;
+            .await;
+        // Sent (or the channel is gone): it no longer holds back later acks.
+        if let Some(ledger) = &self.ledger {
+            ledger.settled(self.tag);
+        }
+        sent?;
         Ok(())
     }
 }
@@ -85,6 +118,8 @@ pub struct Consumer {
     pub(super) broker: Broker,
     /// Handed to every [`Incoming`]; cancelled when this consumer ends.
     pub(super) lost: CancellationToken,
+    /// Coalesced acks (the worker's consumers), else each ack on its own.
+    pub(super) ledger: Option<Arc<Ledger>>,
 }
 
 impl Consumer {
@@ -92,7 +127,12 @@ impl Consumer {
     /// connection lost): the caller waits for the broker to be ready and consumes again.
     pub async fn next(&mut self) -> Option<Incoming> {
         match self.inner.next().await {
-            Some(Ok(d)) => Some(incoming(d, &self.lost)),
+            Some(Ok(d)) => {
+                if let Some(ledger) = &self.ledger {
+                    ledger.delivered(d.delivery_tag);
+                }
+                Some(incoming(d, &self.lost, self.ledger.as_ref()))
+            }
             Some(Err(e)) => {
                 tracing::warn!("consumer stopped: {e}");
                 self.lost.cancel();
@@ -136,7 +176,7 @@ impl Reader {
             .await?;
         Ok(m.map(|m| {
             let remaining = m.message_count;
-            (incoming(m.delivery, &self.lost), remaining)
+            (incoming(m.delivery, &self.lost, None), remaining)
         }))
     }
 

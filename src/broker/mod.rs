@@ -11,6 +11,7 @@
 //! queueing while the broker is away. [`Broker::close`] ends the supervisor and
 //! the connection; nothing else does.
 
+mod acks;
 pub mod codec;
 mod consume;
 mod done_log;
@@ -341,9 +342,11 @@ impl Broker {
         self.publish(&dead, "", env, None, timeout).await
     }
 
-    /// Starts a consumer with manual acks and `prefetch` unacked messages at most.
+    /// Starts a consumer with manual acks and `prefetch` unacked messages at
+    /// most, each ack on its own (the tools: their multiple nacks hand back
+    /// what they hold).
     pub async fn consume(&self, queue: &str, prefetch: u16) -> Result<Consumer, Error> {
-        self.consume_with(queue, prefetch, FieldTable::default())
+        self.consume_with(queue, prefetch, FieldTable::default(), false)
             .await
     }
 
@@ -351,6 +354,8 @@ impl Broker {
     /// active consumer, RabbitMQ 4.x makes the highest-priority consumer the
     /// active one (and switches to a higher one once the current one has
     /// settled what it holds); 3.10 ignores it and keeps the first registered.
+    /// The worker's consumer: its acks are coalesced into `basic.ack(multiple)`
+    /// where that is safe (see `acks`).
     pub async fn consume_prioritised(
         &self,
         queue: &str,
@@ -359,7 +364,7 @@ impl Broker {
     ) -> Result<Consumer, Error> {
         let mut args = FieldTable::default();
         args.insert("x-priority".into(), AMQPValue::LongInt(priority));
-        self.consume_with(queue, prefetch, args).await
+        self.consume_with(queue, prefetch, args, true).await
     }
 
     async fn consume_with(
@@ -367,6 +372,7 @@ impl Broker {
         queue: &str,
         prefetch: u16,
         args: FieldTable,
+        coalesce_acks: bool,
     ) -> Result<Consumer, Error> {
         let session = self.session()?;
         let channel = session.connection.create_channel().await?;
@@ -382,12 +388,15 @@ impl Broker {
                 args,
             )
             .await?;
+        let lost = CancellationToken::new();
+        let ledger = coalesce_acks.then(|| acks::Ledger::start(lost.clone()));
         Ok(Consumer {
             channel,
             inner,
             tag,
             broker: self.clone(),
-            lost: CancellationToken::new(),
+            lost,
+            ledger,
         })
     }
 
