@@ -122,7 +122,7 @@ impl Sandbox {
             if now.partitions != b.topology().partitions {
                 let _ = b.delete(&now).await;
             }
-            if let Err(e) = b.delete_topology().await {
+            if let Err(e) = delete_with_retries(b).await {
                 eprintln!(
                     "hookq: could not delete the throwaway queues and exchanges under prefix {}: {e}; \
                      delete them by hand (RabbitMQ UI or rabbitmqctl delete_queue)",
@@ -132,6 +132,26 @@ impl Sandbox {
             b.close().await;
         }
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Deletes a broker handle's topology, again on a fresh connection when an
+/// attempt fails: RabbitMQ 3.10 sometimes closes the connection with
+/// `INTERNAL_ERROR` while it deletes a quorum queue that held many messages
+/// (its segment writer crashes), and the rest would be left behind.
+async fn delete_with_retries(b: &Broker) -> Result<(), broker::Error> {
+    const ATTEMPTS: u32 = 3;
+    let mut attempt = 1;
+    loop {
+        match b.delete_topology().await {
+            Ok(()) => return Ok(()),
+            Err(e) if attempt >= ATTEMPTS => return Err(e),
+            Err(_) => {
+                attempt += 1;
+                let never = CancellationToken::new();
+                let _ = tokio::time::timeout(Duration::from_secs(10), b.wait_ready(&never)).await;
+            }
+        }
     }
 }
 

@@ -81,23 +81,74 @@ pub async fn publish_confirmed(
     count: u32,
     window: usize,
 ) -> Result<Duration, Error> {
+    let opts = BasicPublishOptions {
+        mandatory: true,
+        ..Default::default()
+    };
+    let wire = Wire {
+        exchange,
+        routing_key,
+        opts,
+        body: &env.body,
+        props: codec::encode(env),
+    };
+    publish_many(url, wire, count, window).await
+}
+
+/// The same as [`publish_confirmed`] with the message the hand-written
+/// ingress publishes: `body` alone, persistent, through the default exchange
+/// straight into `queue`. Beside hookq's message it shows what the broker
+/// itself spends on the topic exchange, `mandatory` and hookq's headers.
+pub async fn publish_bare(
+    url: &AmqpUrl,
+    queue: &str,
+    body: &[u8],
+    count: u32,
+    window: usize,
+) -> Result<Duration, Error> {
+    let wire = Wire {
+        exchange: "",
+        routing_key: queue,
+        opts: BasicPublishOptions::default(),
+        body,
+        props: BasicProperties::default().with_delivery_mode(2),
+    };
+    publish_many(url, wire, count, window).await
+}
+
+/// One message as it goes on the wire, published again and again.
+struct Wire<'a> {
+    exchange: &'a str,
+    routing_key: &'a str,
+    opts: BasicPublishOptions,
+    body: &'a [u8],
+    props: BasicProperties,
+}
+
+async fn publish_many(
+    url: &AmqpUrl,
+    wire: Wire<'_>,
+    count: u32,
+    window: usize,
+) -> Result<Duration, Error> {
     let connection = connect(url, "hookq-bench-raw-publish").await?;
     let channel = connection.create_channel().await?;
     channel
         .confirm_select(ConfirmSelectOptions::default())
         .await?;
-    let props = codec::encode(env);
-    let opts = BasicPublishOptions {
-        mandatory: true,
-        ..Default::default()
-    };
     let started = Instant::now();
     let publishes = futures::stream::iter(0..count)
         .map(|_| {
-            let (channel, props) = (&channel, props.clone());
+            let (channel, wire) = (&channel, &wire);
             async move {
                 let confirm = channel
-                    .basic_publish(exchange.into(), routing_key.into(), opts, &env.body, props)
+                    .basic_publish(
+                        wire.exchange.into(),
+                        wire.routing_key.into(),
+                        wire.opts,
+                        wire.body,
+                        wire.props.clone(),
+                    )
                     .await?
                     .await?;
                 match confirm {

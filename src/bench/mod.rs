@@ -286,6 +286,8 @@ pub async fn bench(settings: &Settings, args: &BenchArgs) -> anyhow::Result<Repo
         body_bytes: args.body_bytes,
         queue_type: settings.amqp.queue_type.as_str().into(),
         raw_publish_per_s: raw.publish_per_s,
+        raw_bare_publish_per_s: raw.bare_publish_per_s,
+        raw_publish_vs_bare: ratio(raw.publish_per_s, raw.bare_publish_per_s),
         raw_consume_per_s: raw.consume_per_s,
         raw_publish_rounds: [raw_before.publish_per_s, raw_after.publish_per_s],
         raw_consume_rounds: [raw_before.consume_per_s, raw_after.consume_per_s],

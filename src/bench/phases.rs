@@ -22,6 +22,9 @@ const READY_WITHIN: Duration = Duration::from_secs(15);
 
 pub(super) struct RawFigures {
     pub publish_per_s: f64,
+    /// The hand-written ingress's message (the body alone, straight into a
+    /// queue) published the same way.
+    pub bare_publish_per_s: f64,
     pub consume_per_s: f64,
     pub publish_cpu_us: f64,
     pub consume_cpu_us: f64,
@@ -31,6 +34,7 @@ impl RawFigures {
     pub fn mean(a: &Self, b: &Self) -> Self {
         Self {
             publish_per_s: (a.publish_per_s + b.publish_per_s) / 2.0,
+            bare_publish_per_s: (a.bare_publish_per_s + b.bare_publish_per_s) / 2.0,
             consume_per_s: (a.consume_per_s + b.consume_per_s) / 2.0,
             publish_cpu_us: (a.publish_cpu_us + b.publish_cpu_us) / 2.0,
             consume_cpu_us: (a.consume_cpu_us + b.consume_cpu_us) / 2.0,
@@ -39,8 +43,9 @@ impl RawFigures {
 }
 
 /// `--messages` persistent publishes to the same exchange and routing key as
-/// the ingress, `--connections` awaiting confirms at once, then consuming
-/// them with manual acks at the configured prefetch, on a prefix of its own.
+/// the ingress, `--connections` awaiting confirms at once, then as many of the
+/// hand-written ingress's bare messages into the queue, then consuming hookq's
+/// with manual acks at the configured prefetch, on a prefix of its own.
 pub(super) async fn raw(
     settings: &Settings,
     args: &BenchArgs,
@@ -48,7 +53,7 @@ pub(super) async fn raw(
 ) -> anyhow::Result<RawFigures> {
     let n = args.messages;
     say(format_args!(
-        "raw broker: {n} persistent publishes, {} awaiting confirms at once; then consuming them, prefetch {}",
+        "raw broker: {n} persistent publishes, {} awaiting confirms at once (hookq's message, then a bare one); then consuming them, prefetch {}",
         args.connections, settings.amqp.prefetch
     ));
     let rawq = Sandbox::new(settings, "bench-raw").context("cannot make a scratch directory")?;
@@ -64,6 +69,7 @@ pub(super) async fn raw(
             baselines::publish_confirmed(url, &exchange, &routing_key, &env, n, args.connections)
                 .await?;
         let publish_cpu_us = cpu_us_per(cpu, n);
+        let bare = baselines::publish_bare(url, &queue, body, n, args.connections).await?;
         let cpu = cpu_time();
         let consume = tokio::time::timeout(
             STALL + Duration::from_millis(u64::from(n)),
@@ -71,8 +77,16 @@ pub(super) async fn raw(
         )
         .await
         .context("the raw consumer did not get every message in time")??;
+        // The bare messages: consumed only to empty the queue.
+        tokio::time::timeout(
+            STALL + Duration::from_millis(u64::from(n)),
+            baselines::consume_acked(url, &queue, n, settings.amqp.prefetch),
+        )
+        .await
+        .context("the raw consumer did not get every bare message in time")??;
         anyhow::Ok(RawFigures {
             publish_per_s: per_s(n, publish),
+            bare_publish_per_s: per_s(n, bare),
             consume_per_s: per_s(n, consume),
             publish_cpu_us,
             consume_cpu_us: cpu_us_per(cpu, n),

@@ -25,6 +25,12 @@ pub struct Report {
     /// Persistent publishes confirmed per second, lapin alone, to the same
     /// exchange and routing key as the ingress.
     pub raw_publish_per_s: f64,
+    /// The same for the hand-written ingress's message (the body alone,
+    /// through the default exchange into a queue), and hookq's rate over it:
+    /// what the broker itself spends on the topic exchange, `mandatory` and
+    /// hookq's headers.
+    pub raw_bare_publish_per_s: f64,
+    pub raw_publish_vs_bare: f64,
     /// Messages consumed and acked per second, lapin alone.
     pub raw_consume_per_s: f64,
     /// The two measurements the figures above average: before the ingress
@@ -135,6 +141,13 @@ pub(super) fn print_table(r: &Report) {
                 r.raw_publish_per_s, r.raw_publish_rounds[0], r.raw_publish_rounds[1]
             ),
         ),
+        Row {
+            raw: beside(r.raw_publish_per_s, r.raw_bare_publish_per_s, false),
+            ..row(
+                "raw broker: publish, hookq's message / a bare one",
+                format!("{:.0}", r.raw_publish_per_s),
+            )
+        },
         row(
             "raw broker: consume + ack (msg/s)",
             format!(

@@ -192,6 +192,8 @@ async fn bench_json_has_every_figure() {
     let r = json_of(&out);
     for rate in [
         "raw_publish_per_s",
+        "raw_bare_publish_per_s",
+        "raw_publish_vs_bare",
         "raw_consume_per_s",
         "ingress_per_s",
         "worker_per_s",
@@ -243,6 +245,11 @@ async fn bench_json_has_every_figure() {
     assert!(num(&r, "worker_lru_len") >= 5000.0, "{r}");
     let ratio = num(&r, "ingress_per_s") / num(&r, "raw_publish_per_s");
     assert!((num(&r, "ingress_ratio") - ratio).abs() < 1e-6, "{r}");
+    let vs_bare = num(&r, "raw_publish_per_s") / num(&r, "raw_bare_publish_per_s");
+    assert!(
+        (num(&r, "raw_publish_vs_bare") - vs_bare).abs() < 1e-6,
+        "{r}"
+    );
     let vs_hand = num(&r, "worker_per_s") / num(&r, "hand_forwarder_per_s");
     assert!((num(&r, "worker_vs_hand") - vs_hand).abs() < 1e-6, "{r}");
     assert_eq!(num(&r, "dead_letters"), 500.0, "{r}");
