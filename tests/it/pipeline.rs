@@ -12,7 +12,7 @@ use hookq::events::{Event, Outcome};
 use hookq::message::DeadReason;
 use hookq::system::Parts;
 
-use crate::support::{Client, FakeTarget, TestEnv, wait_until};
+use crate::support::{Client, FakeTarget, TestEnv, settled, wait_until};
 
 const T: Duration = Duration::from_secs(10);
 
@@ -24,6 +24,7 @@ on_both_queue_types!(
     client_error_is_dead_lettered_as_rejected_after_one_delivery,
     retry_after_is_honoured,
     failed_republish_hands_the_message_back,
+    a_slow_delivery_does_not_hold_back_the_acks_after_it,
 );
 
 /// Starts `up` and sends one webhook (source `s`, id `k1`); returns its key.
@@ -369,4 +370,54 @@ async fn wrong_method_and_unknown_source_get_their_codes() {
         "payload_too_large"
     );
     assert_eq!(c.post("known", &[], "{}").await.status(), 202);
+}
+
+/// The worker sends one `basic.ack(multiple)` for a run of settled deliveries,
+/// never past one still being worked on. A slow delivery must not hold back
+/// the acks of the fast ones after it: with a prefetch of 8 they would fill the
+/// window and stop the consumer until the slow one ends.
+async fn a_slow_delivery_does_not_hold_back_the_acks_after_it(q: QueueType) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let release = Arc::new(tokio::sync::Notify::new());
+    let arrived = Arc::new(AtomicBool::new(false));
+    let (r, a) = (release.clone(), arrived.clone());
+    let app = axum::Router::new().fallback(move |headers: axum::http::HeaderMap| {
+        let (release, arrived) = (r.clone(), a.clone());
+        async move {
+            if headers.get("idempotency-key").is_some_and(|k| k == "s:slow") {
+                arrived.store(true, Ordering::SeqCst);
+                release.notified().await;
+            }
+            StatusCode::OK
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let mut env = TestEnv::new("slowack").with_queue_type(q).with_target(&url);
+    env.settings.amqp.prefetch = 8;
+    env.settings.worker.concurrency = 8;
+    env.settings.worker.timeout = Duration::from_secs(30);
+    let up = env.up().await;
+    let mut events = up.subscribe();
+    let c = Client::new(up.ingress_addr.unwrap());
+    c.send("s", "slow", "{}").await;
+    wait_until(T, "the slow delivery to reach the target", || async {
+        arrived.load(Ordering::SeqCst)
+    })
+    .await;
+    let fast = 40;
+    for i in 0..fast {
+        c.send("s", &format!("fast-{i}"), "{}").await;
+    }
+    // Every fast one is delivered and acked while the slow one still waits.
+    settled(&mut events, T, fast, |o| matches!(o, Outcome::Delivered { .. })).await;
+    assert!(arrived.load(Ordering::SeqCst));
+    release.notify_one();
+    settled(&mut events, T, 1, |o| matches!(o, Outcome::Delivered { .. })).await;
+    up.shutdown().await.unwrap();
+    // Every ack reached the broker: nothing went back to the queue at the stop.
+    assert_eq!(env.queue_len(&env.topology().work(0)).await, 0);
 }
