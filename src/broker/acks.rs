@@ -109,6 +109,8 @@ impl<A> State<A> {
 pub(super) struct Ledger {
     state: Mutex<State<lapin::Acker>>,
     wake: Arc<Notify>,
+    /// Signalled after each round the flusher sent.
+    sent: Arc<Notify>,
     lost: CancellationToken,
 }
 
@@ -116,13 +118,14 @@ impl Ledger {
     /// Starts the ledger of a channel and its flusher task, which ends when
     /// the channel is lost (`lost`) or when nothing refers to the ledger any more.
     pub fn start(lost: CancellationToken) -> Arc<Self> {
-        let wake = Arc::new(Notify::new());
+        let (wake, sent) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
         let ledger = Arc::new(Self {
             state: Mutex::new(State::new()),
             wake: wake.clone(),
+            sent: sent.clone(),
             lost: lost.clone(),
         });
-        tokio::spawn(flush(Arc::downgrade(&ledger), wake, lost));
+        tokio::spawn(flush(Arc::downgrade(&ledger), wake, sent, lost));
         ledger
     }
 
@@ -179,6 +182,30 @@ impl Ledger {
         }
     }
 
+    /// Every delivery up to `tag` was settled at once (a multiple nack).
+    pub fn settled_through(&self, tag: u64) {
+        let mut s = self.state();
+        s.open = s.open.split_off(&tag.saturating_add(1));
+    }
+
+    /// Waits until every ack asked for so far was sent (or the channel is
+    /// gone): before a multiple nack, which would take back one not sent yet.
+    pub async fn until_sent(&self) {
+        loop {
+            let sent = self.sent.notified();
+            tokio::pin!(sent);
+            sent.as_mut().enable();
+            if self.state().pending.is_empty() {
+                return;
+            }
+            self.wake.notify_one();
+            tokio::select! {
+                _ = sent => {}
+                _ = self.lost.cancelled() => return,
+            }
+        }
+    }
+
     /// Fails every ack not sent yet: the channel is gone.
     fn fail_pending(&self) {
         let pending = std::mem::take(&mut self.state().pending);
@@ -190,7 +217,12 @@ impl Ledger {
 
 /// Sends what can be sent, then waits for more. While one round is on its way
 /// the next one's acks gather, so a busy channel sends fewer, larger rounds.
-async fn flush(ledger: Weak<Ledger>, wake: Arc<Notify>, lost: CancellationToken) {
+async fn flush(
+    ledger: Weak<Ledger>,
+    wake: Arc<Notify>,
+    sent: Arc<Notify>,
+    lost: CancellationToken,
+) {
     let mut next_due: Option<Instant> = None;
     loop {
         let deadline = next_due.unwrap_or_else(|| Instant::now() + IDLE);
@@ -209,12 +241,12 @@ async fn flush(ledger: Weak<Ledger>, wake: Arc<Notify>, lost: CancellationToken)
         drop(l);
         next_due = round.next_due;
         if let Some((acker, replies)) = round.covering {
-            let sent = send(&acker, true).await;
-            if let Err(e) = &sent {
+            let result = send(&acker, true).await;
+            if let Err(e) = &result {
                 tracing::debug!(error = %e, "a coalesced ack could not be sent");
             }
             for r in replies {
-                let answer = match &sent {
+                let answer = match &result {
                     Ok(()) => Ok(()),
                     Err(_) => Err(Error::Unavailable),
                 };
@@ -224,6 +256,7 @@ async fn flush(ledger: Weak<Ledger>, wake: Arc<Notify>, lost: CancellationToken)
         for p in round.alone {
             let _ = p.reply.send(send(&p.acker, false).await);
         }
+        sent.notify_waiters();
     }
 }
 

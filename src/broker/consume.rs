@@ -52,15 +52,15 @@ pub(super) fn incoming(
 pub struct Acker {
     inner: lapin::Acker,
     tag: u64,
-    /// The worker's consumers coalesce acks (see [`Ledger`]).
+    /// A consumer's deliveries coalesce acks (see [`Ledger`]); `basic.get`'s do not.
     ledger: Option<Arc<Ledger>>,
 }
 
 impl Acker {
     /// Errors when the ack could not be sent (lapin answers `false` when the
     /// channel it came from is gone): the broker will redeliver the message.
-    /// On a worker's consumer the ack may go out with others, as one
-    /// `basic.ack(multiple)`; it resolves once sent either way.
+    /// A consumer's ack may go out with others, as one `basic.ack(multiple)`;
+    /// it resolves once sent either way.
     pub async fn ack(self) -> Result<(), Error> {
         if let Some(ledger) = &self.ledger {
             return ledger.ack(self.tag, self.inner).await;
@@ -76,19 +76,23 @@ impl Acker {
     /// channel, in one `basic.nack(multiple, requeue)`. Readers of `P.dead` put
     /// what they held back this way rather than by closing the channel:
     /// RabbitMQ 4.3 counts a lost channel (and `basic.reject`) against a quorum
-    /// queue's delivery limit, but not a `basic.nack`. Only for channels
-    /// without coalesced acks: a multiple nack would take back acks not sent yet.
+    /// queue's delivery limit, but not a `basic.nack`. Acks asked for on the
+    /// channel are sent first: the nack would take back one not sent yet.
     pub async fn requeue_through(self) -> Result<(), Error> {
-        debug_assert!(
-            self.ledger.is_none(),
-            "requeue_through on a coalescing channel"
-        );
-        self.inner
+        if let Some(ledger) = &self.ledger {
+            ledger.until_sent().await;
+        }
+        let sent = self
+            .inner
             .nack(BasicNackOptions {
                 requeue: true,
                 multiple: true,
             })
-            .await?;
+            .await;
+        if let Some(ledger) = &self.ledger {
+            ledger.settled_through(self.tag);
+        }
+        sent?;
         Ok(())
     }
 
@@ -118,8 +122,8 @@ pub struct Consumer {
     pub(super) broker: Broker,
     /// Handed to every [`Incoming`]; cancelled when this consumer ends.
     pub(super) lost: CancellationToken,
-    /// Coalesced acks (the worker's consumers), else each ack on its own.
-    pub(super) ledger: Option<Arc<Ledger>>,
+    /// Its coalesced acks.
+    pub(super) ledger: Arc<Ledger>,
 }
 
 impl Consumer {
@@ -128,10 +132,8 @@ impl Consumer {
     pub async fn next(&mut self) -> Option<Incoming> {
         match self.inner.next().await {
             Some(Ok(d)) => {
-                if let Some(ledger) = &self.ledger {
-                    ledger.delivered(d.delivery_tag);
-                }
-                Some(incoming(d, &self.lost, self.ledger.as_ref()))
+                self.ledger.delivered(d.delivery_tag);
+                Some(incoming(d, &self.lost, Some(&self.ledger)))
             }
             Some(Err(e)) => {
                 tracing::warn!("consumer stopped: {e}");

@@ -343,10 +343,10 @@ impl Broker {
     }
 
     /// Starts a consumer with manual acks and `prefetch` unacked messages at
-    /// most, each ack on its own (the tools: their multiple nacks hand back
-    /// what they hold).
+    /// most. Its acks are coalesced into `basic.ack(multiple)` where that is
+    /// safe (see `acks`).
     pub async fn consume(&self, queue: &str, prefetch: u16) -> Result<Consumer, Error> {
-        self.consume_with(queue, prefetch, FieldTable::default(), false)
+        self.consume_with(queue, prefetch, FieldTable::default())
             .await
     }
 
@@ -354,8 +354,6 @@ impl Broker {
     /// active consumer, RabbitMQ 4.x makes the highest-priority consumer the
     /// active one (and switches to a higher one once the current one has
     /// settled what it holds); 3.10 ignores it and keeps the first registered.
-    /// The worker's consumer: its acks are coalesced into `basic.ack(multiple)`
-    /// where that is safe (see `acks`).
     pub async fn consume_prioritised(
         &self,
         queue: &str,
@@ -364,7 +362,7 @@ impl Broker {
     ) -> Result<Consumer, Error> {
         let mut args = FieldTable::default();
         args.insert("x-priority".into(), AMQPValue::LongInt(priority));
-        self.consume_with(queue, prefetch, args, true).await
+        self.consume_with(queue, prefetch, args).await
     }
 
     async fn consume_with(
@@ -372,7 +370,6 @@ impl Broker {
         queue: &str,
         prefetch: u16,
         args: FieldTable,
-        coalesce_acks: bool,
     ) -> Result<Consumer, Error> {
         let session = self.session()?;
         let channel = session.connection.create_channel().await?;
@@ -389,7 +386,7 @@ impl Broker {
             )
             .await?;
         let lost = CancellationToken::new();
-        let ledger = coalesce_acks.then(|| acks::Ledger::start(lost.clone()));
+        let ledger = acks::Ledger::start(lost.clone());
         Ok(Consumer {
             channel,
             inner,
