@@ -385,7 +385,10 @@ async fn a_slow_delivery_does_not_hold_back_the_acks_after_it(q: QueueType) {
     let app = axum::Router::new().fallback(move |headers: axum::http::HeaderMap| {
         let (release, arrived) = (r.clone(), a.clone());
         async move {
-            if headers.get("idempotency-key").is_some_and(|k| k == "s:slow") {
+            if headers
+                .get("idempotency-key")
+                .is_some_and(|k| k == "s:slow")
+            {
                 arrived.store(true, Ordering::SeqCst);
                 release.notified().await;
             }
@@ -413,10 +416,16 @@ async fn a_slow_delivery_does_not_hold_back_the_acks_after_it(q: QueueType) {
         c.send("s", &format!("fast-{i}"), "{}").await;
     }
     // Every fast one is delivered and acked while the slow one still waits.
-    settled(&mut events, T, fast, |o| matches!(o, Outcome::Delivered { .. })).await;
+    settled(&mut events, T, fast, |o| {
+        matches!(o, Outcome::Delivered { .. })
+    })
+    .await;
     assert!(arrived.load(Ordering::SeqCst));
     release.notify_one();
-    settled(&mut events, T, 1, |o| matches!(o, Outcome::Delivered { .. })).await;
+    settled(&mut events, T, 1, |o| {
+        matches!(o, Outcome::Delivered { .. })
+    })
+    .await;
     up.shutdown().await.unwrap();
     // Every ack reached the broker: nothing went back to the queue at the stop.
     assert_eq!(env.queue_len(&env.topology().work(0)).await, 0);
