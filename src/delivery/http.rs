@@ -18,6 +18,11 @@ pub struct Forwarder {
     targets: HashMap<String, TargetUrl>,
 }
 
+const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+const HOOKQ_SOURCE: HeaderName = HeaderName::from_static("hookq-source");
+const HOOKQ_MESSAGE_ID: HeaderName = HeaderName::from_static("hookq-message-id");
+const HOOKQ_ATTEMPT: HeaderName = HeaderName::from_static("hookq-attempt");
+
 /// Headers hookq sets itself on the delivery; the forwarded copies are dropped.
 fn ours(name: &HeaderName) -> bool {
     let n = name.as_str(); // header names are lower-case
@@ -66,10 +71,13 @@ impl Forwarder {
             .get(&env.source)
             .or(self.default_target.as_ref())
             .ok_or_else(|| Error::NoTarget(env.source.clone()))?;
-        let mut headers = env.headers.clone();
-        let theirs: Vec<HeaderName> = headers.keys().filter(|k| ours(k)).cloned().collect();
-        for k in theirs {
-            headers.remove(k);
+        let mut request = reqwest::Request::new(reqwest::Method::POST, target.url().clone());
+        let headers = request.headers_mut();
+        headers.reserve(env.headers.len() + 5);
+        for (name, value) in &env.headers {
+            if !ours(name) {
+                headers.append(name.clone(), value.clone());
+            }
         }
         // The request's own Content-Type is among the forwarded headers; a
         // message published by other means may only have the property.
@@ -81,33 +89,38 @@ impl Forwarder {
         {
             headers.insert(header::CONTENT_TYPE, ct);
         }
-        let resp = self
-            .client
-            .post(target.url().clone())
-            .headers(headers)
-            .header("idempotency-key", env.key.0.as_str())
-            .header("hookq-source", env.source.as_str())
-            .header("hookq-message-id", env.message_id.0.as_str())
-            .header("hookq-attempt", attempt.to_string())
-            .body(env.body.clone())
-            .send()
-            .await
-            .map_err(|e| {
-                if e.is_timeout() {
-                    Error::Timeout(self.timeout)
-                } else if e.is_connect() {
-                    Error::Connect(describe(target, e))
-                } else if e.is_builder() {
-                    // A forwarded header reqwest cannot send: the message itself is bad.
-                    Error::NoTarget(format!(
-                        "{} (bad request: {})",
-                        env.source,
-                        describe(target, e)
-                    ))
-                } else {
-                    Error::Other(describe(target, e))
-                }
+        for (name, value) in [
+            (IDEMPOTENCY_KEY, env.key.0.as_str()),
+            (HOOKQ_SOURCE, env.source.as_str()),
+            (HOOKQ_MESSAGE_ID, env.message_id.0.as_str()),
+        ] {
+            // A message published by other means may carry anything.
+            let value = HeaderValue::from_str(value).map_err(|_| {
+                Error::NoTarget(format!(
+                    "{} (bad request: its {name} is not a valid header value)",
+                    env.source
+                ))
             })?;
+            headers.insert(name, value);
+        }
+        headers.insert(HOOKQ_ATTEMPT, HeaderValue::from(attempt));
+        *request.body_mut() = Some(env.body.clone().into());
+        let resp = self.client.execute(request).await.map_err(|e| {
+            if e.is_timeout() {
+                Error::Timeout(self.timeout)
+            } else if e.is_connect() {
+                Error::Connect(describe(target, e))
+            } else if e.is_builder() {
+                // A forwarded header reqwest cannot send: the message itself is bad.
+                Error::NoTarget(format!(
+                    "{} (bad request: {})",
+                    env.source,
+                    describe(target, e)
+                ))
+            } else {
+                Error::Other(describe(target, e))
+            }
+        })?;
         let status = resp.status().as_u16();
         if resp.status().is_success() {
             return Ok(status);
