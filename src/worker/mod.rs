@@ -287,9 +287,9 @@ impl Worker {
     /// One partition's consumer. Its messages are processed concurrently
     /// inside this task (after the partition's done-log has been read, once
     /// per subscription), not in a task each: a spawn per message, and the
-    /// wake of another runtime thread it brings, cost as much as a tenth of
-    /// a delivery. When the loop ends, what is still in flight finishes in a
-    /// task of the tracker, which the graceful stop waits for.
+    /// wake of another runtime thread it brings, cost about 3 us of CPU a
+    /// message in `hookq bench`. When the loop ends, what is still in flight
+    /// finishes in a task of the tracker, which the graceful stop waits for.
     async fn consume(
         self: Arc<Self>,
         mut part: Partition,
@@ -339,7 +339,7 @@ impl Worker {
             running.push(async move {
                 if AssertUnwindSafe(one).catch_unwind().await.is_err() {
                     tracing::error!(
-                        "a message's processing panicked; the broker will redeliver it"
+                        "a message's processing panicked (a bug); it stays unacked until its channel closes, then the broker delivers it again"
                     );
                 }
             });
