@@ -96,10 +96,7 @@ impl Forwarder {
         ] {
             // A message published by other means may carry anything.
             let value = HeaderValue::from_str(value).map_err(|_| {
-                Error::NoTarget(format!(
-                    "{} (bad request: its {name} is not a valid header value)",
-                    env.source
-                ))
+                Error::BadRequest(format!("its {name} is not a valid header value"))
             })?;
             headers.insert(name, value);
         }
@@ -112,11 +109,7 @@ impl Forwarder {
                 Error::Connect(describe(target, e))
             } else if e.is_builder() {
                 // A forwarded header reqwest cannot send: the message itself is bad.
-                Error::NoTarget(format!(
-                    "{} (bad request: {})",
-                    env.source,
-                    describe(target, e)
-                ))
+                Error::BadRequest(describe(target, e))
             } else {
                 Error::Other(describe(target, e))
             }

@@ -29,6 +29,10 @@ pub enum Error {
     Connect(String),
     #[error("no target configured for source {0}")]
     NoTarget(String),
+    /// The message cannot be sent as an HTTP request (a message published by
+    /// other means with a key or id no header can carry): no retry helps.
+    #[error("the message cannot be sent as a request: {0}")]
+    BadRequest(String),
     #[error("request failed: {0}")]
     Other(String),
 }
@@ -53,7 +57,7 @@ impl Error {
             Self::Timeout(_) | Self::Connect(_) | Self::Other(_) => {
                 Failure::Retryable { retry_after: None }
             }
-            Self::NoTarget(_) => Failure::Permanent,
+            Self::NoTarget(_) | Self::BadRequest(_) => Failure::Permanent,
         }
     }
 

@@ -7,10 +7,11 @@ use std::time::Duration;
 
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
+use hookq::events::Outcome;
 use hookq::message::DeadReason;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::support::{Client, FakeTarget, TestEnv, wait_until};
+use crate::support::{Client, FakeTarget, TestEnv, settled, wait_until};
 
 const T: Duration = Duration::from_secs(15);
 
@@ -206,6 +207,49 @@ async fn a_not_before_in_the_far_future_is_clamped() {
         target.count() == 1
     })
     .await;
+}
+
+/// A message published by other means whose key no header can carry is
+/// refused before any request is made: dead-lettered as `rejected`, saying
+/// why, and the target never sees it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_no_header_can_carry_is_rejected_without_a_request() {
+    let target = FakeTarget::ok().await;
+    let env = TestEnv::new("badkey").with_target(&target.url);
+    let up = env.up().await;
+    let mut events = up.subscribe();
+    let msg = hookq::message::Envelope::received(
+        "s",
+        hookq::message::DedupKey("s:line\nbreak".into()),
+        "{}".into(),
+        None,
+        Default::default(),
+    );
+    env.broker()
+        .await
+        .publish_to_queue(&env.topology().work(0), &msg, None, T)
+        .await
+        .unwrap();
+    settled(&mut events, T, 1, |o| {
+        matches!(
+            o,
+            Outcome::Dead {
+                reason: DeadReason::Rejected
+            }
+        )
+    })
+    .await;
+    let dead = env.dead_letters().await;
+    assert_eq!(dead.len(), 1);
+    let info = dead[0].dead.as_ref().expect("the dead letter's details");
+    assert!(
+        info.last_error.contains(
+            "cannot be sent as a request: its idempotency-key is not a valid header value"
+        ),
+        "{}",
+        info.last_error
+    );
+    assert_eq!(target.count(), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
