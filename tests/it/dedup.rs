@@ -13,7 +13,7 @@ use hookq::system::Parts;
 use tokio::process::Child;
 use tokio::sync::Semaphore;
 
-use crate::support::{Client, FakeTarget, TestEnv, wait_until};
+use crate::support::{self, Client, FakeTarget, TestEnv, wait_until};
 
 const T: Duration = Duration::from_secs(30);
 
@@ -344,13 +344,7 @@ async fn two_copies_of_one_message_are_not_delivered_at_once() {
     .await;
     let env = TestEnv::new("samecopy").with_target(&target.url);
     let up = env.up().await;
-    let msg = hookq::message::Envelope::received(
-        "s",
-        hookq::message::DedupKey("s:twice".into()),
-        "{}".into(),
-        None,
-        Default::default(),
-    );
+    let msg = support::message("s:twice");
     let broker = env.broker().await;
     for _ in 0..2 {
         broker

@@ -11,7 +11,7 @@ use hookq::events::Outcome;
 use hookq::message::DeadReason;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::support::{Client, FakeTarget, TestEnv, settled, wait_until};
+use crate::support::{self, Client, FakeTarget, TestEnv, settled, wait_until};
 
 const T: Duration = Duration::from_secs(15);
 
@@ -190,13 +190,7 @@ async fn a_not_before_in_the_far_future_is_clamped() {
     env.settings.retry.max_delay = Duration::from_millis(300);
     let _up = env.up().await;
     // A message as a hand (or a bug) might leave it: not before the year 9999.
-    let mut msg = hookq::message::Envelope::received(
-        "s",
-        hookq::message::DedupKey("s:nb".into()),
-        "{}".into(),
-        None,
-        Default::default(),
-    );
+    let mut msg = support::message("s:nb");
     msg.not_before = Some(253_402_300_799_000);
     let broker = env.broker().await;
     broker
@@ -218,13 +212,7 @@ async fn a_key_no_header_can_carry_is_rejected_without_a_request() {
     let env = TestEnv::new("badkey").with_target(&target.url);
     let up = env.up().await;
     let mut events = up.subscribe();
-    let msg = hookq::message::Envelope::received(
-        "s",
-        hookq::message::DedupKey("s:line\nbreak".into()),
-        "{}".into(),
-        None,
-        Default::default(),
-    );
+    let msg = support::message("s:line\nbreak");
     env.broker()
         .await
         .publish_to_queue(&env.topology().work(0), &msg, None, T)

@@ -545,6 +545,18 @@ impl Client {
 
 /// `n` dead letters published straight to P.dead (source `bulk`, reason
 /// max_attempts), many at a time; their message ids, in publishing order.
+/// A message of source `s` with `key` and an empty JSON body, as a test
+/// publishes it straight to the broker (as a hand, a bug or another client might).
+pub fn message(key: &str) -> Envelope {
+    Envelope::received(
+        "s",
+        hookq::message::DedupKey(key.into()),
+        "{}".into(),
+        None,
+        Default::default(),
+    )
+}
+
 pub async fn publish_dead_letters(broker: &Broker, n: usize) -> Vec<String> {
     use futures::StreamExt;
     use hookq::message::{DeadInfo, DeadReason, DedupKey};
