@@ -139,6 +139,23 @@ pub struct Envelope {
 }
 
 impl Envelope {
+    /// The envelope of a request the ingress accepted now: its Content-Type
+    /// (as the property, when it is text) and the headers that travel
+    /// ([`forwardable_headers`]).
+    pub fn of_request(source: &str, key: DedupKey, body: Bytes, headers: HeaderMap) -> Self {
+        let content_type = headers
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        Self::received(
+            source,
+            key,
+            body,
+            content_type,
+            forwardable_headers(headers),
+        )
+    }
+
     /// A fresh envelope for a webhook the ingress accepted now.
     pub fn received(
         source: &str,
@@ -170,10 +187,38 @@ impl Envelope {
     }
 }
 
+impl Envelope {
+    /// The provider's own id of this delivery when it is not the key: GitHub's
+    /// `X-GitHub-Delivery` (its key is the body's hash, since GitHub does not
+    /// sign the header). Shown beside the key in logs, dead letters and the
+    /// console, so an operator can find the delivery in the provider's UI.
+    pub fn delivery_id(&self) -> Option<&str> {
+        self.headers
+            .get(DELIVERY_ID_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| !v.is_empty())
+    }
+}
+
+/// The header [`Envelope::delivery_id`] reads.
+pub const DELIVERY_ID_HEADER: &str = "x-github-delivery";
+
 /// The tracing span of everything done for one message: lines about it carry
-/// its message id, key and source.
+/// its message id, key and source (and the provider's delivery id, when there
+/// is one). Every value here may come from a request: the log formats escape
+/// control characters (see `telemetry`), so none can start a line.
 pub fn span(env: &Envelope) -> tracing::Span {
-    tracing::info_span!("message", message_id = %env.message_id, key = %env.key, source = %env.source)
+    let span = tracing::info_span!(
+        "message",
+        message_id = %env.message_id,
+        key = %env.key,
+        source = %env.source,
+        delivery = tracing::field::Empty,
+    );
+    if let Some(d) = env.delivery_id() {
+        span.record("delivery", d);
+    }
+    span
 }
 
 /// Now, as RFC 3339 with milliseconds (UTC).

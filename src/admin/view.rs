@@ -18,6 +18,8 @@ pub struct Item {
     pub id: String,
     pub source: String,
     pub key: String,
+    /// The provider's delivery id beside the key (GitHub's `X-GitHub-Delivery`).
+    pub delivery: Option<String>,
     /// `None` for a message that is not a hookq dead letter.
     pub reason: Option<String>,
     pub last_status: Option<u16>,
@@ -41,6 +43,7 @@ impl Item {
             id: row.message_id,
             source: row.source,
             key: row.key,
+            delivery: row.delivery,
             reason: row.reason,
             last_status: row.last_status,
             last_error: row.last_error,

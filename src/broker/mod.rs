@@ -20,7 +20,7 @@ mod supervisor;
 pub mod topology;
 
 use std::sync::Arc;
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use lapin::options::{
@@ -63,6 +63,9 @@ pub enum Error {
     Nacked,
     #[error("the broker returned the message as unroutable ({0})")]
     Returned(String),
+    /// The broker takes no message this large (its `max_message_size`).
+    #[error("a body of {size} bytes is over the broker's max_message_size ({max} bytes)")]
+    TooLarge { size: usize, max: usize },
     #[error("cannot reach RabbitMQ at {url}: {cause}; {hint}", hint = START_HINT)]
     Connect { url: String, cause: lapin::Error },
     #[error(transparent)]
@@ -82,6 +85,11 @@ struct Inner {
     /// Wakes the supervisor to check health now (a publish or consume failed).
     kick: Notify,
     events: Option<Events>,
+    /// The largest body the broker takes, once it refused a larger one
+    /// (`max_message_size`; AMQP 0-9-1 does not tell it at connect). Larger
+    /// bodies are refused here from then on: a refused publish closes its
+    /// channel, and with it every publish in flight on the connection.
+    max_body: AtomicUsize,
     /// Cancelled by [`Broker::close`]: the supervisor closes the connection and ends.
     stop: CancellationToken,
     supervisor: Mutex<Option<JoinHandle<()>>>,
@@ -121,6 +129,7 @@ impl Broker {
                 state,
                 kick: Notify::new(),
                 events,
+                max_body: AtomicUsize::new(usize::MAX),
                 stop: CancellationToken::new(),
                 supervisor: Mutex::new(None),
             }),
@@ -287,6 +296,13 @@ impl Broker {
         props: BasicProperties,
         timeout: Duration,
     ) -> Result<(), Error> {
+        let max = self.inner.max_body.load(Ordering::Relaxed);
+        if body.len() > max {
+            return Err(Error::TooLarge {
+                size: body.len(),
+                max,
+            });
+        }
         let session = self.session()?;
         let channel = session.publisher().ok_or(Error::Unavailable)?;
         let opts = BasicPublishOptions {
@@ -307,7 +323,23 @@ impl Broker {
             Err(_) => Err(Error::Timeout(timeout)),
             Ok(Err(e)) => {
                 self.kick();
-                Err(Error::Amqp(e))
+                match refused_size(&e) {
+                    Some(max) => {
+                        self.inner.max_body.fetch_min(max, Ordering::Relaxed);
+                        tracing::warn!(
+                            size = body.len(),
+                            max,
+                            "the broker refused a message over its max_message_size; bodies \
+                             over it are refused before publishing from now on: lower \
+                             ingress.max_body_bytes to at most {max}"
+                        );
+                        Err(Error::TooLarge {
+                            size: body.len(),
+                            max,
+                        })
+                    }
+                    None => Err(Error::Amqp(e)),
+                }
             }
             Ok(Ok(Confirmation::Ack(None))) => Ok(()),
             Ok(Ok(Confirmation::Ack(Some(r)))) | Ok(Ok(Confirmation::Nack(Some(r)))) => {
@@ -454,4 +486,20 @@ impl Broker {
         let session = self.session()?;
         Ok(topology::declare(&session.connection, &self.inner.topology).await?)
     }
+}
+
+/// The broker's limit when `e` is its refusal of a message over
+/// `max_message_size`: RabbitMQ closes the channel with `PRECONDITION_FAILED -
+/// message size N is larger than configured max size M`.
+fn refused_size(e: &lapin::Error) -> Option<usize> {
+    let lapin::ErrorKind::ProtocolError(amqp) = e.kind() else {
+        return None;
+    };
+    amqp.get_message()
+        .as_str()
+        .split_once("larger than configured max size ")?
+        .1
+        .trim()
+        .parse()
+        .ok()
 }

@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use super::file;
 use super::{
-    AdminSettings, AmqpSettings, AmqpUrl, DedupSettings, Error, IngressSettings, MAX_MS,
-    MIN_ADMIN_TOKEN, RetrySettings, SchemeKind, Secret, Settings, SourceSettings, TargetUrl,
-    WorkerPartitions, WorkerSettings, valid_source_name,
+    AdminSettings, AmqpSettings, AmqpUrl, DedupSettings, Error, IngressSettings, MAX_BODY_BYTES,
+    MAX_MS, MIN_ADMIN_TOKEN, RetrySettings, SchemeKind, Secret, Settings, SourceSettings,
+    TargetUrl, WorkerPartitions, WorkerSettings, valid_source_name,
 };
 
 fn ms(v: u64) -> Duration {
@@ -43,6 +43,23 @@ fn at_least_1<T: PartialOrd + From<u8>>(key: &str, v: T) -> Result<T, Error> {
 fn listen(key: &str, v: &str) -> Result<SocketAddr, Error> {
     v.parse()
         .map_err(|_| Error::new(key, format!("{v:?} is not an address like 127.0.0.1:8080")))
+}
+
+/// `ingress.max_body_bytes`: at least 1, at most what every supported broker
+/// takes by default ([`MAX_BODY_BYTES`]): a larger body would close the
+/// publisher channel, and every publish in flight on it would get a 503.
+fn body_limit(v: usize) -> Result<usize, Error> {
+    let v = at_least_1("ingress.max_body_bytes", v)?;
+    if v > MAX_BODY_BYTES {
+        return Err(Error::new(
+            "ingress.max_body_bytes",
+            format!(
+                "{v} is more than RabbitMQ takes in a message by default \
+                 ({MAX_BODY_BYTES} bytes, max_message_size on RabbitMQ 4.x): at most {MAX_BODY_BYTES}"
+            ),
+        ));
+    }
+    Ok(v)
 }
 
 /// Partitions beyond this are a typo (and a queue and a stream each).
@@ -113,7 +130,11 @@ pub(super) fn settings(
         queue_type: a.queue_type,
         prefetch: at_least_1("amqp.prefetch", a.prefetch)?,
         delivery_limit: at_least_1("amqp.delivery_limit", a.delivery_limit)?,
-        management_port: at_least_1("amqp.management_port", a.management_port)?,
+        management_port: a
+            .management_port
+            .map(|p| at_least_1("amqp.management_port", p))
+            .transpose()?,
+        management_url: target("amqp.management_url", a.management_url.as_deref())?,
         partitions: at_least_1("amqp.partitions", a.partitions)?,
     };
     if amqp.partitions > MAX_PARTITIONS {
@@ -126,7 +147,7 @@ pub(super) fn settings(
     let i = &raw.ingress;
     let ingress = IngressSettings {
         listen: listen("ingress.listen", &i.listen)?,
-        max_body_bytes: at_least_1("ingress.max_body_bytes", i.max_body_bytes)?,
+        max_body_bytes: body_limit(i.max_body_bytes)?,
         publish_timeout: check_ms("ingress.publish_timeout_ms", i.publish_timeout_ms, 1)?,
         allow_unknown_sources: i.allow_unknown_sources,
         max_in_flight: at_least_1("ingress.max_in_flight", i.max_in_flight)?,
@@ -145,10 +166,19 @@ pub(super) fn settings(
 
     let r = &raw.retry;
     at_least_1("retry.max_attempts", r.max_attempts)?;
-    if r.inline_attempts == 0 || r.inline_attempts > r.max_attempts {
+    // A default never makes another key invalid: unset, the in-process
+    // attempts are the default's, or all of them when there are fewer.
+    let default = RetrySettings::default();
+    let inline_attempts = r
+        .inline_attempts
+        .unwrap_or(default.inline_attempts.min(r.max_attempts));
+    if inline_attempts == 0 || inline_attempts > r.max_attempts {
         return Err(Error::new(
             "retry.inline_attempts",
-            "must be between 1 and retry.max_attempts",
+            format!(
+                "{inline_attempts} must be between 1 and retry.max_attempts ({})",
+                r.max_attempts
+            ),
         ));
     }
     if r.delays_ms.is_empty() || r.delays_ms.contains(&0) {
@@ -178,7 +208,7 @@ pub(super) fn settings(
     }
     let retry = RetrySettings {
         max_attempts: r.max_attempts,
-        inline_attempts: r.inline_attempts,
+        inline_attempts,
         inline_delay: check_ms("retry.inline_delay_ms", r.inline_delay_ms, 0)?,
         delays: r.delays_ms.iter().copied().map(ms).collect(),
         jitter: r.jitter,
@@ -189,25 +219,9 @@ pub(super) fn settings(
     let dedup = DedupSettings {
         path: d.path.clone(),
         lru_capacity: at_least_1("dedup.lru_capacity", d.lru_capacity)?,
-        retention: check_ms("dedup.retention_ms", d.retention_ms, 1)?,
+        retention: retention(d.retention_ms, &retry)?,
         lease: check_ms("dedup.lease_ms", d.lease_ms, 100)?,
     };
-    let stay = retry.longest_stay();
-    if dedup.retention < stay {
-        return Err(Error::new(
-            "dedup.retention_ms",
-            format!(
-                "{} ms is shorter than the longest a message can stay with the broker before \
-                 its last attempt ({} ms: {} retries, each waiting its tier of retry.delays_ms \
-                 or a Retry-After of up to retry.max_delay_ms); pruning would free the key of a \
-                 message still in flight. Raise dedup.retention_ms, or lower retry.max_delay_ms, \
-                 retry.delays_ms or retry.max_attempts",
-                d.retention_ms,
-                to_ms(stay),
-                r.max_attempts.saturating_sub(1)
-            ),
-        ));
-    }
 
     let admin = admin(&raw.admin, env)?;
 
@@ -224,6 +238,41 @@ pub(super) fn settings(
         admin,
         sources,
     })
+}
+
+/// `dedup.retention_ms`: as set, when it covers the longest a message can
+/// stay with the broker before its last attempt (else pruning could free the
+/// key of a message still in flight); unset, the default (7 days) grown to a
+/// day more than that stay, so that no retry setting is made invalid by a
+/// default.
+fn retention(set: Option<u64>, retry: &RetrySettings) -> Result<Duration, Error> {
+    let stay = retry.longest_stay();
+    let retries = retry.max_attempts.saturating_sub(1);
+    let Some(v) = set else {
+        // At most 10 years, like every duration: a stay longer than that
+        // (ten-year Retry-Afters, say) outlives any deployment anyway.
+        let grown = DedupSettings::default()
+            .retention
+            .max(stay.saturating_add(Duration::from_secs(86_400)))
+            .min(ms(MAX_MS));
+        return Ok(grown);
+    };
+    let retention = check_ms("dedup.retention_ms", v, 1)?;
+    if retention < stay {
+        return Err(Error::new(
+            "dedup.retention_ms",
+            format!(
+                "{v} ms is shorter than the longest a message can stay with the broker before \
+                 its last attempt ({} ms: {retries} retries, each waiting its tier of \
+                 retry.delays_ms or a Retry-After of up to retry.max_delay_ms); pruning would \
+                 free the key of a message still in flight. Raise dedup.retention_ms (or leave \
+                 it unset: its default grows to fit), or lower retry.max_delay_ms, \
+                 retry.delays_ms or retry.max_attempts",
+                to_ms(stay)
+            ),
+        ));
+    }
+    Ok(retention)
 }
 
 /// `[admin]`: the token from `token` or the variable `token_env` names, read
@@ -366,6 +415,11 @@ impl Settings {
                 prefetch: self.amqp.prefetch,
                 delivery_limit: self.amqp.delivery_limit,
                 management_port: self.amqp.management_port,
+                management_url: self
+                    .amqp
+                    .management_url
+                    .as_ref()
+                    .map(|u| u.url().to_string()),
                 partitions: self.amqp.partitions,
             },
             ingress: file::Ingress {
@@ -389,7 +443,7 @@ impl Settings {
             },
             retry: file::Retry {
                 max_attempts: self.retry.max_attempts,
-                inline_attempts: self.retry.inline_attempts,
+                inline_attempts: Some(self.retry.inline_attempts),
                 inline_delay_ms: to_ms(self.retry.inline_delay),
                 delays_ms: self.retry.delays.iter().copied().map(to_ms).collect(),
                 jitter: self.retry.jitter,
@@ -398,7 +452,7 @@ impl Settings {
             dedup: file::Dedup {
                 path: self.dedup.path.clone(),
                 lru_capacity: self.dedup.lru_capacity,
-                retention_ms: to_ms(self.dedup.retention),
+                retention_ms: Some(to_ms(self.dedup.retention)),
                 lease_ms: to_ms(self.dedup.lease),
             },
             admin: file::Admin {

@@ -32,13 +32,22 @@ pub(super) struct Amqp {
     pub queue_type: QueueType,
     pub prefetch: u16,
     pub delivery_limit: u32,
-    pub management_port: u16,
+    /// Unset: 15672, or 15671 (the management plugin's TLS port) when the
+    /// broker URL is `amqps://`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub management_port: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub management_url: Option<String>,
     pub partitions: u32,
 }
 
 impl Default for Amqp {
+    /// The built-in defaults, with `management_port` unset: its default depends on
+    /// other keys and is worked out when the settings are built.
     fn default() -> Self {
-        super::Settings::default().to_file().amqp
+        let mut d = super::Settings::default().to_file().amqp;
+        d.management_port = None;
+        d
     }
 }
 
@@ -110,7 +119,9 @@ impl Default for Worker {
 #[serde(default, deny_unknown_fields)]
 pub(super) struct Retry {
     pub max_attempts: u32,
-    pub inline_attempts: u32,
+    /// Unset: 2, or `max_attempts` when that is less.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub inline_attempts: Option<u32>,
     pub inline_delay_ms: u64,
     #[serde(deserialize_with = "ms_list")]
     pub delays_ms: Vec<u64>,
@@ -119,8 +130,12 @@ pub(super) struct Retry {
 }
 
 impl Default for Retry {
+    /// The built-in defaults, with `inline_attempts` unset: its default depends on
+    /// other keys and is worked out when the settings are built.
     fn default() -> Self {
-        super::Settings::default().to_file().retry
+        let mut d = super::Settings::default().to_file().retry;
+        d.inline_attempts = None;
+        d
     }
 }
 
@@ -129,13 +144,19 @@ impl Default for Retry {
 pub(super) struct Dedup {
     pub path: PathBuf,
     pub lru_capacity: usize,
-    pub retention_ms: u64,
+    /// Unset: 7 days, or longer when the retry settings need it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retention_ms: Option<u64>,
     pub lease_ms: u64,
 }
 
 impl Default for Dedup {
+    /// The built-in defaults, with `retention_ms` unset: its default depends on
+    /// other keys and is worked out when the settings are built.
     fn default() -> Self {
-        super::Settings::default().to_file().dedup
+        let mut d = super::Settings::default().to_file().dedup;
+        d.retention_ms = None;
+        d
     }
 }
 

@@ -127,7 +127,12 @@ pub struct AmqpSettings {
     pub delivery_limit: u32,
     /// Not in the SPEC's table: the port of each node's management API
     /// (`hookq topology` asks it for quorum queues' members and leader).
-    pub management_port: u16,
+    /// `None`: 15672, or 15671 for an `amqps://` node.
+    pub management_port: Option<u16>,
+    /// Not in the SPEC's table: the management API somewhere else than on
+    /// each node's host (a load balancer, another port, https); its user
+    /// info, when it has one, signs in instead of the AMQP URL's.
+    pub management_url: Option<TargetUrl>,
     /// Work queues the keys are spread over (`P.work.<i>` when more than 1).
     pub partitions: u32,
 }
@@ -220,7 +225,8 @@ impl Default for AmqpSettings {
             queue_type: QueueType::Quorum,
             prefetch: 64,
             delivery_limit: 20,
-            management_port: 15672,
+            management_port: None,
+            management_url: None,
             partitions: 1,
         }
     }
@@ -319,6 +325,12 @@ impl RetrySettings {
             .fold(Duration::ZERO, Duration::saturating_add)
     }
 }
+
+/// The largest `ingress.max_body_bytes`: RabbitMQ 4.x's default
+/// `max_message_size` (16 MiB; 3.10's is 128 MiB). AMQP 0-9-1 does not tell a
+/// client the broker's limit; a broker set lower is learned from its first
+/// refusal, and larger bodies get 413 from then on.
+pub const MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
 
 /// Reads an environment variable (for `secret_env`).
 type Lookup = dyn Fn(&str) -> Option<String>;

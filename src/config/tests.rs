@@ -294,3 +294,122 @@ fn the_admin_token_is_checked_and_read_from_the_environment() {
     let back = load_with_env(Some(again.path()), env(&[])).unwrap();
     assert_eq!(back.admin.token, s.admin.token);
 }
+
+/// The SPEC: the defaults with any one documented key changed within its
+/// documented range start; a default grows to fit instead of refusing.
+#[test]
+fn a_default_never_makes_another_key_invalid() {
+    let max_ms = MAX_MS.to_string();
+    let cases: &[(&str, &str)] = &[
+        ("HOOKQ__RETRY__MAX_ATTEMPTS", "1"),
+        ("HOOKQ__RETRY__MAX_ATTEMPTS", "10"),
+        ("HOOKQ__RETRY__MAX_ATTEMPTS", "1000"),
+        ("HOOKQ__RETRY__INLINE_ATTEMPTS", "5"),
+        ("HOOKQ__RETRY__INLINE_DELAY_MS", "0"),
+        ("HOOKQ__RETRY__DELAYS_MS", "4294967295"),
+        ("HOOKQ__RETRY__DELAYS_MS", "1"),
+        ("HOOKQ__RETRY__JITTER", "0.99"),
+        ("HOOKQ__RETRY__MAX_DELAY_MS", "1"),
+        ("HOOKQ__RETRY__MAX_DELAY_MS", &max_ms),
+        ("HOOKQ__DEDUP__LEASE_MS", "100"),
+        ("HOOKQ__DEDUP__LRU_CAPACITY", "1"),
+        ("HOOKQ__AMQP__URL", "amqps://u:p@broker.example/%2f"),
+        ("HOOKQ__AMQP__PARTITIONS", "1024"),
+        ("HOOKQ__AMQP__PREFETCH", "65535"),
+        ("HOOKQ__AMQP__DELIVERY_LIMIT", "1"),
+        ("HOOKQ__AMQP__QUEUE_TYPE", "classic"),
+        ("HOOKQ__AMQP__MANAGEMENT_URL", "https://mgmt.example/"),
+        ("HOOKQ__INGRESS__MAX_BODY_BYTES", "16777216"),
+        ("HOOKQ__INGRESS__MAX_BODY_BYTES", "1"),
+        ("HOOKQ__WORKER__CONCURRENCY", "1"),
+        ("HOOKQ__WORKER__TIMEOUT_MS", &max_ms),
+        ("HOOKQ__WORKER__PARTITIONS", "0"),
+        ("HOOKQ__WORKER__HANDLER", "log"),
+    ];
+    for (var, value) in cases {
+        let s = load_with_env(
+            None,
+            env(&[
+                (var, value),
+                ("HOOKQ__WORKER__TARGET", "http://127.0.0.1:3000/"),
+            ]),
+        )
+        .unwrap_or_else(|e| panic!("{var}={value}: {e}"));
+        s.validate_worker()
+            .unwrap_or_else(|e| panic!("{var}={value}: {e}"));
+        assert!(
+            s.dedup.retention >= s.retry.longest_stay().min(ms(MAX_MS)),
+            "{var}={value}: retention {:?} under the stay {:?}",
+            s.dedup.retention,
+            s.retry.longest_stay()
+        );
+        assert!(s.retry.inline_attempts <= s.retry.max_attempts);
+    }
+    // The retention grows to a day more than the stay: 9 retries of up to a
+    // day each, plus a day.
+    let s = load_with_env(None, env(&[("HOOKQ__RETRY__MAX_ATTEMPTS", "10")])).unwrap();
+    assert_eq!(s.dedup.retention, ms(10 * 86_400_000));
+    assert_eq!(s.retry.inline_attempts, 2);
+    // The shipped file leaves the grown defaults unset too.
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/default.toml");
+    let s = load_with_env(Some(&p), env(&[("HOOKQ__RETRY__MAX_ATTEMPTS", "10")])).unwrap();
+    assert_eq!(s.dedup.retention, ms(10 * 86_400_000));
+    // Fewer attempts than the default's in-process ones: all in-process.
+    let s = load_with_env(None, env(&[("HOOKQ__RETRY__MAX_ATTEMPTS", "1")])).unwrap();
+    assert_eq!(s.retry.inline_attempts, 1);
+    // Set explicitly, a retention too short is still refused, naming the keys.
+    let e = load_with_env(
+        None,
+        env(&[
+            ("HOOKQ__RETRY__MAX_ATTEMPTS", "10"),
+            ("HOOKQ__DEDUP__RETENTION_MS", "604800000"),
+        ]),
+    )
+    .unwrap_err();
+    assert_eq!(e.key, "dedup.retention_ms");
+    assert!(e.problem.contains("retry.max_attempts"), "{e}");
+    // And explicit in-process attempts above the total.
+    let e = load_with_env(
+        None,
+        env(&[
+            ("HOOKQ__RETRY__MAX_ATTEMPTS", "1"),
+            ("HOOKQ__RETRY__INLINE_ATTEMPTS", "2"),
+        ]),
+    )
+    .unwrap_err();
+    assert_eq!(e.key, "retry.inline_attempts");
+}
+
+#[test]
+fn a_body_limit_above_what_the_broker_takes_is_refused() {
+    let e =
+        load_with_env(None, env(&[("HOOKQ__INGRESS__MAX_BODY_BYTES", "16777217")])).unwrap_err();
+    assert_eq!(e.key, "ingress.max_body_bytes");
+    assert!(e.problem.contains("max_message_size"), "{e}");
+    let e = load_with_env(None, env(&[("HOOKQ__INGRESS__MAX_BODY_BYTES", "0")])).unwrap_err();
+    assert_eq!(e.key, "ingress.max_body_bytes");
+}
+
+#[test]
+fn the_management_api_follows_the_broker_url_or_its_own_key() {
+    let s = load_with_env(
+        None,
+        env(&[("HOOKQ__AMQP__URL", "amqps://u:p@b.example/%2f")]),
+    )
+    .unwrap();
+    let m = Management::of(
+        &s.amqp.urls[0],
+        s.amqp.management_port,
+        s.amqp.management_url.as_ref(),
+    )
+    .unwrap();
+    assert_eq!(m.base.as_str(), "https://b.example:15671/api");
+    let e = load_with_env(None, env(&[("HOOKQ__AMQP__MANAGEMENT_URL", "ftp://m/")])).unwrap_err();
+    assert_eq!(e.key, "amqp.management_url");
+    let s = load_with_env(
+        None,
+        env(&[("HOOKQ__AMQP__MANAGEMENT_URL", "https://ops:pw@m.example/")]),
+    )
+    .unwrap();
+    assert!(!format!("{s:?}").contains("pw"), "{s:?}");
+}

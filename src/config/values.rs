@@ -58,30 +58,97 @@ impl AmqpUrl {
     }
 }
 
-/// Where a node's management API is, and how to sign in to it: the node's
-/// host on `amqp.management_port` with the AMQP URL's user and password, and
-/// its vhost.
+/// Where a node's management API is, and how to sign in to it: by default the
+/// node's host on `amqp.management_port`, over https when the AMQP URL is
+/// `amqps://` (the credentials are the broker's: they never go in clear where
+/// the AMQP connection itself is encrypted); or `amqp.management_url`.
 pub struct Management {
-    pub base: String,
+    /// `scheme://host:port/.../api`, without user info.
+    pub base: url::Url,
     pub user: String,
     pub password: Secret,
     pub vhost: String,
 }
 
-impl AmqpUrl {
-    /// The management API of the node this URL names, on `port`.
-    pub fn management(&self, port: u16) -> Option<Management> {
-        let u = url::Url::parse(&self.0).ok()?;
-        let vhost = match u.path().strip_prefix('/') {
+/// The management plugin's ports: plain HTTP and TLS.
+const MANAGEMENT_PORT: u16 = 15672;
+const MANAGEMENT_TLS_PORT: u16 = 15671;
+
+impl Management {
+    /// The management API for `node` (one of `amqp.url`): `explicit`
+    /// (`amqp.management_url`) when set, else the node's host on `port`
+    /// (`amqp.management_port`; unset, 15672, or 15671 over TLS).
+    pub fn of(node: &AmqpUrl, port: Option<u16>, explicit: Option<&TargetUrl>) -> Option<Self> {
+        let amqp = url::Url::parse(&node.0).ok()?;
+        let vhost = match amqp.path().strip_prefix('/') {
             None | Some("") => "/".to_string(),
             Some(p) => percent_decode(p),
         };
-        Some(Management {
-            base: format!("http://{}:{port}/api", u.host_str()?),
-            user: percent_decode(u.username()),
-            password: Secret::new(percent_decode(u.password().unwrap_or(""))),
+        let (mut base, user, password) = match explicit {
+            Some(m) if !m.url().username().is_empty() => {
+                let u = m.url();
+                (
+                    u.clone(),
+                    percent_decode(u.username()),
+                    percent_decode(u.password().unwrap_or("")),
+                )
+            }
+            Some(m) => (
+                m.url().clone(),
+                percent_decode(amqp.username()),
+                percent_decode(amqp.password().unwrap_or("")),
+            ),
+            None => {
+                let tls = amqp.scheme() == "amqps";
+                let (scheme, default) = if tls {
+                    ("https", MANAGEMENT_TLS_PORT)
+                } else {
+                    ("http", MANAGEMENT_PORT)
+                };
+                let host = amqp.host_str()?;
+                // An IPv6 host keeps its brackets in host_str's Display form.
+                let host = match amqp.host()? {
+                    url::Host::Ipv6(a) => format!("[{a}]"),
+                    _ => host.to_string(),
+                };
+                let base =
+                    url::Url::parse(&format!("{scheme}://{host}:{}/", port.unwrap_or(default)))
+                        .ok()?;
+                (
+                    base,
+                    percent_decode(amqp.username()),
+                    percent_decode(amqp.password().unwrap_or("")),
+                )
+            }
+        };
+        let _ = base.set_username("");
+        let _ = base.set_password(None);
+        base.set_query(None);
+        base.set_fragment(None);
+        let path = base.path().trim_end_matches('/').to_string();
+        if !path.ends_with("/api") {
+            base.set_path(&format!("{path}/api"));
+        } else {
+            base.set_path(&path);
+        }
+        Some(Self {
+            base,
+            user,
+            password: Secret::new(password),
             vhost,
         })
+    }
+
+    /// Whether signing in sends the password over plain HTTP to a host other
+    /// than this one: allowed, but said at start.
+    pub fn in_clear(&self) -> bool {
+        let loopback = match self.base.host() {
+            Some(url::Host::Ipv4(a)) => a.is_loopback(),
+            Some(url::Host::Ipv6(a)) => a.is_loopback(),
+            Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+            None => false,
+        };
+        self.base.scheme() == "http" && !loopback
     }
 }
 

@@ -45,6 +45,49 @@ fn describe(target: &TargetUrl, e: reqwest::Error) -> String {
     text
 }
 
+/// The request that delivers `env` to `target`: the original body and
+/// forwarded headers, the Content-Type, the Idempotency-Key and hookq's own
+/// headers. Every message the ingress accepted makes one (its key fits a
+/// header value by construction); a message published by other means may not,
+/// and that is [`Error::BadRequest`], permanent.
+pub fn request(
+    target: &TargetUrl,
+    env: &Envelope,
+    attempt: u32,
+) -> Result<reqwest::Request, Error> {
+    let mut request = reqwest::Request::new(reqwest::Method::POST, target.url().clone());
+    let headers = request.headers_mut();
+    headers.reserve(env.headers.len() + 5);
+    for (name, value) in &env.headers {
+        if !ours(name) {
+            headers.append(name.clone(), value.clone());
+        }
+    }
+    // The request's own Content-Type is among the forwarded headers; a
+    // message published by other means may only have the property.
+    if !headers.contains_key(header::CONTENT_TYPE)
+        && let Some(ct) = env
+            .content_type
+            .as_deref()
+            .and_then(|c| HeaderValue::from_str(c).ok())
+    {
+        headers.insert(header::CONTENT_TYPE, ct);
+    }
+    for (name, value) in [
+        (IDEMPOTENCY_KEY, env.key.0.as_str()),
+        (HOOKQ_SOURCE, env.source.as_str()),
+        (HOOKQ_MESSAGE_ID, env.message_id.0.as_str()),
+    ] {
+        // A message published by other means may carry anything.
+        let value = HeaderValue::from_str(value)
+            .map_err(|_| Error::BadRequest(format!("its {name} is not a valid header value")))?;
+        headers.insert(name, value);
+    }
+    headers.insert(HOOKQ_ATTEMPT, HeaderValue::from(attempt));
+    *request.body_mut() = Some(env.body.clone().into());
+    Ok(request)
+}
+
 impl Forwarder {
     pub fn new(
         worker: &WorkerSettings,
@@ -71,37 +114,7 @@ impl Forwarder {
             .get(&env.source)
             .or(self.default_target.as_ref())
             .ok_or_else(|| Error::NoTarget(env.source.clone()))?;
-        let mut request = reqwest::Request::new(reqwest::Method::POST, target.url().clone());
-        let headers = request.headers_mut();
-        headers.reserve(env.headers.len() + 5);
-        for (name, value) in &env.headers {
-            if !ours(name) {
-                headers.append(name.clone(), value.clone());
-            }
-        }
-        // The request's own Content-Type is among the forwarded headers; a
-        // message published by other means may only have the property.
-        if !headers.contains_key(header::CONTENT_TYPE)
-            && let Some(ct) = env
-                .content_type
-                .as_deref()
-                .and_then(|c| HeaderValue::from_str(c).ok())
-        {
-            headers.insert(header::CONTENT_TYPE, ct);
-        }
-        for (name, value) in [
-            (IDEMPOTENCY_KEY, env.key.0.as_str()),
-            (HOOKQ_SOURCE, env.source.as_str()),
-            (HOOKQ_MESSAGE_ID, env.message_id.0.as_str()),
-        ] {
-            // A message published by other means may carry anything.
-            let value = HeaderValue::from_str(value).map_err(|_| {
-                Error::BadRequest(format!("its {name} is not a valid header value"))
-            })?;
-            headers.insert(name, value);
-        }
-        headers.insert(HOOKQ_ATTEMPT, HeaderValue::from(attempt));
-        *request.body_mut() = Some(env.body.clone().into());
+        let request = request(target, env, attempt)?;
         let resp = self.client.execute(request).await.map_err(|e| {
             if e.is_timeout() {
                 Error::Timeout(self.timeout)

@@ -8,6 +8,8 @@
 mod http;
 mod log;
 
+pub use http::request;
+
 use std::collections::BTreeMap;
 use std::time::Duration;
 

@@ -24,6 +24,8 @@ pub enum Error {
     MethodNotAllowed,
     #[error("body larger than ingress.max_body_bytes")]
     TooLarge,
+    #[error("body larger than the broker takes (its max_message_size, {0} bytes)")]
+    TooLargeForBroker(usize),
     #[error("request headers larger than 64 KiB")]
     HeadersTooLarge,
     #[error("too many requests in flight")]
@@ -41,7 +43,7 @@ impl Error {
             Self::Signature(_) => StatusCode::UNAUTHORIZED,
             Self::UnknownSource => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            Self::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::TooLarge | Self::TooLargeForBroker(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Self::Overloaded | Self::Broker(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -54,7 +56,7 @@ impl Error {
             Self::Signature(_) => "invalid_signature",
             Self::UnknownSource => "unknown_source",
             Self::MethodNotAllowed => "method_not_allowed",
-            Self::TooLarge => "payload_too_large",
+            Self::TooLarge | Self::TooLargeForBroker(_) => "payload_too_large",
             Self::HeadersTooLarge => "headers_too_large",
             Self::Overloaded => "overloaded",
             Self::Broker(_) => "broker_unavailable",

@@ -1,12 +1,18 @@
 //! The idempotency key: `SOURCE ":" ID`, with ID from the first present of the
 //! source's `id_header`, its `id_json_pointer`, then what the source's scheme
-//! signs (`standard`: `webhook-id`; `stripe`: the body's `/id`) or its provider
-//! guarantees (`github`: `X-GitHub-Delivery`, which GitHub does not sign); for
+//! signs (`standard`: `webhook-id`; `stripe`: the body's `/id`; `github`: the
+//! hex SHA-256 of the body, since GitHub signs the body and no id); for
 //! `verify = "none"` sources only `Idempotency-Key`, `webhook-id`,
 //! `X-GitHub-Delivery`, `X-Event-Id`; else the hex SHA-256 of the body.
 //!
 //! An unsigned header never overrides a signed id: a replay of a signed
-//! request with a fresh `Idempotency-Key` is still a duplicate.
+//! request with a fresh `Idempotency-Key` (or, for GitHub, a fresh
+//! `X-GitHub-Delivery`) is still a duplicate.
+//!
+//! Every key can travel as an HTTP header value: an id with a control
+//! character (a line break, a tab, DEL) or over 256 bytes is replaced by its
+//! hex SHA-256, so a 202 is never followed by a dead letter ("cannot be sent
+//! as a request") that the sender cannot fix.
 //!
 //! Pure: headers and body in, key out. It does not verify anything; the
 //! signature check runs before it.
@@ -29,7 +35,7 @@ const ID_HEADERS: [&str; 4] = [
 
 /// An id longer than this is replaced by its hash, so keys stay small in SQLite
 /// and in AMQP headers whatever a client sends.
-const MAX_ID_BYTES: usize = 256;
+pub const MAX_ID_BYTES: usize = 256;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum Error {
@@ -44,11 +50,20 @@ fn header_id(headers: &HeaderMap, name: &str) -> Option<String> {
     (!v.is_empty()).then(|| v.to_string())
 }
 
-fn bounded(id: String) -> String {
-    if id.len() <= MAX_ID_BYTES {
+fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// The id as it goes into the key: itself when it fits an HTTP header value
+/// (`Idempotency-Key` at delivery) and is at most [`MAX_ID_BYTES`], else its
+/// hex SHA-256. Control characters (C0 with tab, DEL, C1) are what a header
+/// value cannot carry or a log line must not show raw; UTF-8 beyond them is
+/// fine (header values take obs-text bytes).
+fn fit(id: String) -> String {
+    if id.len() <= MAX_ID_BYTES && !id.chars().any(char::is_control) {
         id
     } else {
-        format!("sha256:{}", hex::encode(Sha256::digest(id.as_bytes())))
+        sha256_hex(id.as_bytes())
     }
 }
 
@@ -58,7 +73,7 @@ pub fn derive(
     headers: &HeaderMap,
     body: &[u8],
 ) -> Result<DedupKey, Error> {
-    let make = |id: String| DedupKey(format!("{source}:{}", bounded(id)));
+    let make = |id: String| DedupKey(format!("{source}:{}", fit(id)));
     if let Some(h) = settings.and_then(|s| s.id_header.as_deref())
         && let Some(id) = header_id(headers, h)
     {
@@ -94,12 +109,11 @@ pub fn derive(
                 return Ok(make(id.clone()));
             }
         }
-        SchemeKind::Github => {
-            if let Some(id) = header_id(headers, "x-github-delivery") {
-                return Ok(make(id));
-            }
-        }
-        SchemeKind::HmacSha256 => {}
+        // GitHub signs the body and nothing else: X-GitHub-Delivery is not
+        // signed, so a captured request replayed under fresh delivery ids must
+        // still be one key. The body hash below is that key; the delivery id
+        // travels with the forwarded headers and is shown beside the key.
+        SchemeKind::Github | SchemeKind::HmacSha256 => {}
         SchemeKind::None => {
             for h in ID_HEADERS {
                 if let Some(id) = header_id(headers, h) {
@@ -108,10 +122,7 @@ pub fn derive(
             }
         }
     }
-    Ok(DedupKey(format!(
-        "{source}:{}",
-        hex::encode(Sha256::digest(body))
-    )))
+    Ok(DedupKey(format!("{source}:{}", sha256_hex(body))))
 }
 
 #[cfg(test)]
@@ -188,13 +199,19 @@ mod tests {
         let cases = [
             (SchemeKind::Standard, "s:msg_1"),
             (SchemeKind::Stripe, "s:evt_9"),
-            (SchemeKind::Github, "s:gh-1"),
             (SchemeKind::None, "s:fresh-each-time"),
         ];
         for (verify, want) in cases {
             let k = derive("s", Some(&with(verify)), &h, body).unwrap();
             assert_eq!(k.0, want, "{verify:?}");
         }
+        // GitHub signs the body only: its hash is the key, and a replay under
+        // a fresh X-GitHub-Delivery is the same key.
+        let github = with(SchemeKind::Github);
+        let k = derive("s", Some(&github), &h, body).unwrap();
+        assert_eq!(k, derive("s", None, &HeaderMap::new(), body).unwrap());
+        let replayed = headers(&[("x-github-delivery", "gh-2")]);
+        assert_eq!(k, derive("s", Some(&github), &replayed, body).unwrap());
         // hmac-sha256 signs only the body: its hash is the key, whatever the headers.
         let k = derive("s", Some(&with(SchemeKind::HmacSha256)), &h, b"hello").unwrap();
         assert_eq!(k, derive("s", None, &HeaderMap::new(), b"hello").unwrap());
@@ -250,7 +267,35 @@ mod tests {
     fn long_ids_are_hashed() {
         let long = "x".repeat(1000);
         let k = derive("s", None, &headers(&[("idempotency-key", &long)]), b"").unwrap();
-        assert!(k.0.starts_with("s:sha256:") && k.0.len() < 100, "{}", k.0);
+        assert_eq!(k.0, format!("s:{}", sha256_hex(long.as_bytes())));
+        let fits = "x".repeat(MAX_ID_BYTES);
+        let k = derive("s", None, &headers(&[("idempotency-key", &fits)]), b"").unwrap();
+        assert_eq!(k.0, format!("s:{fits}"));
+    }
+
+    #[test]
+    fn ids_no_header_can_carry_are_hashed() {
+        let s = source(None, Some("/id"));
+        let h = HeaderMap::new();
+        for id in [
+            r"evt\u0001x",
+            r"evt\nforged",
+            r"evt\r",
+            r"evt\u007f",
+            r"a\tb",
+            r"c1\u0085",
+        ] {
+            let body = format!(r#"{{"id":"{id}"}}"#);
+            let k = derive("s", Some(&s), &h, body.as_bytes()).unwrap();
+            let raw: serde_json::Value = serde_json::from_str(&body).unwrap();
+            let raw = raw["id"].as_str().unwrap();
+            assert_eq!(k.0, format!("s:{}", sha256_hex(raw.as_bytes())), "{id}");
+            assert!(HeaderValue::from_str(&k.0).is_ok(), "{id}");
+        }
+        // Non-ASCII text is a valid header value (obs-text): kept as it is.
+        let k = derive("s", Some(&s), &h, r#"{"id":"évt_1"}"#.as_bytes()).unwrap();
+        assert_eq!(k.0, "s:évt_1");
+        assert!(HeaderValue::from_bytes(k.0.as_bytes()).is_ok());
     }
 
     proptest! {
@@ -266,8 +311,12 @@ mod tests {
                 h.insert("x-id", v);
             }
             let s = source(Some("x-id"), Some(&pointer));
-            let _ = derive("s", Some(&s), &h, &body);
-            let _ = derive("s", None, &h, &body);
+            for k in [derive("s", Some(&s), &h, &body), derive("s", None, &h, &body)]
+                .into_iter()
+                .flatten()
+            {
+                prop_assert!(HeaderValue::from_bytes(k.0.as_bytes()).is_ok(), "{k}");
+            }
         }
     }
 }

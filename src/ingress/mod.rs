@@ -26,7 +26,7 @@ pub use error::Error;
 use crate::broker::Broker;
 use crate::config::{self, IngressSettings, SourceSettings, valid_source_name};
 use crate::events::Events;
-use crate::message::{Envelope, forwardable_headers};
+use crate::message::Envelope;
 use verify::Verifier;
 
 /// A client has this long to send its whole body.
@@ -170,20 +170,19 @@ async fn accept(app: &App, source: &str, req: Request) -> Result<Response, Error
         .map_err(Error::Signature)?;
     let key = key::derive(source, Some(settings), &parts.headers, &body).map_err(Error::Key)?;
 
-    let content_type = parts
-        .headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
-    let headers = forwardable_headers(parts.headers);
-    let mut env = Envelope::received(source, key, body, content_type, headers);
+    let mut env = Envelope::of_request(source, key, body, parts.headers);
     env.partition = app.broker.topology().partition_header(&env.key);
 
     let started = Instant::now();
     app.broker
         .publish_webhook(&env, app.publish_timeout)
         .await
-        .map_err(Error::Broker)?;
+        .map_err(|e| match e {
+            // A broker that takes less than max_body_bytes: the client's
+            // body is too large, not the broker away.
+            crate::broker::Error::TooLarge { max, .. } => Error::TooLargeForBroker(max),
+            e => Error::Broker(e),
+        })?;
     app.events.accepted(&env, started.elapsed());
     tracing::debug!(message_id = %env.message_id, key = %env.key, source, "accepted");
     let accepted = Accepted {

@@ -58,6 +58,7 @@ pub fn list_table(rows: &[Row]) -> Vec<String> {
     let header = [
         "MESSAGE ID",
         "KEY",
+        "DELIVERY",
         "SOURCE",
         "REASON",
         "ATTEMPTS",
@@ -71,6 +72,7 @@ pub fn list_table(rows: &[Row]) -> Vec<String> {
         vec![
             cell(&r.message_id),
             cell(&r.key),
+            or_dash(r.delivery.clone()),
             cell(&r.source),
             or_dash(r.reason.clone()),
             r.attempts.to_string(),
@@ -310,6 +312,7 @@ mod tests {
         let row = Row {
             message_id: "m".into(),
             key: "s:k".into(),
+            delivery: Some("d-1".into()),
             source: "s".into(),
             reason: Some("rejected".into()),
             attempts: 1,

@@ -65,6 +65,7 @@ impl DeadLetter {
         Row {
             message_id: env.message_id.0.clone(),
             key: env.key.0.clone(),
+            delivery: env.delivery_id().map(str::to_string),
             source: env.source.clone(),
             reason: self.reason().map(str::to_string),
             attempts: env.attempts,
@@ -83,6 +84,10 @@ impl DeadLetter {
 pub struct Row {
     pub message_id: String,
     pub key: String,
+    /// The provider's delivery id beside the key (GitHub's
+    /// `X-GitHub-Delivery`), when the webhook had one.
+    #[serde(default)]
+    pub delivery: Option<String>,
     pub source: String,
     /// `None` for a message that is not a hookq dead letter.
     pub reason: Option<String>,

@@ -8,6 +8,7 @@ mod support;
 mod admin;
 mod dedup;
 mod faults;
+mod hostile;
 mod lifecycle;
 mod netns;
 mod operate;

@@ -382,6 +382,7 @@ fn row(e: &Envelope) -> Row {
     Row {
         message_id: e.message_id.0.clone(),
         key: e.key.0.clone(),
+        delivery: e.delivery_id().map(str::to_string),
         source: e.source.clone(),
         reason: Some(d.reason.as_str().into()),
         attempts: e.attempts,

@@ -33,6 +33,16 @@ macro_rules! on_both_queue_types {
 
 pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
+/// `rabbitmqctl` for the broker under test: `HOOKQ_TEST_RABBITMQCTL` (split
+/// on spaces: a chroot's, say), else the machine's own.
+pub fn rabbitmqctl() -> std::process::Command {
+    let spec = std::env::var("HOOKQ_TEST_RABBITMQCTL").unwrap_or_else(|_| "rabbitmqctl".into());
+    let mut words = spec.split_whitespace();
+    let mut cmd = std::process::Command::new(words.next().unwrap_or("rabbitmqctl"));
+    cmd.args(words);
+    cmd
+}
+
 /// Polls `cond` every 20 ms until it holds or `within` passes (for state
 /// outside hookq: a fake target's log, a queue's length, a file).
 pub async fn wait_until<F, Fut>(within: Duration, what: &str, mut cond: F)

@@ -208,7 +208,7 @@ async function openDetail(id) {
     $("detail-title").textContent = d.key || d.id;
     const meta = $("detail-meta");
     const pairs = [
-      ["Message id", d.id], ["Source", d.source], ["Key", d.key], ["Reason", d.reason || "not a hookq dead letter"],
+      ["Message id", d.id], ["Source", d.source], ["Key", d.key], ["Delivery id", d.delivery], ["Reason", d.reason || "not a hookq dead letter"],
       ["Last status", d.last_status], ["Last error", d.last_error], ["Attempts", d.attempts],
       ["Received at", fmtTime(d.received_at)], ["Dead at", fmtTime(d.dead_at)],
       ["Content type", d.content_type], ["Body size", d.body_size + " bytes"],
