@@ -17,19 +17,18 @@
 
 #![no_main]
 
-use amq_protocol::frame::{AMQPContentHeader, AMQPFrame, WriteContext, gen_frame, parse_frame};
+use amq_protocol::frame::{AMQPFrame, parse_frame};
 use amq_protocol::protocol::basic::parse_properties;
 use amq_protocol::types::parsing::parse_field_table;
 use arbitrary::{Arbitrary, Unstructured};
 use bytes::Bytes;
 use hookq::broker::codec::{decode, encode, stand_in};
 use hookq::message::{DeadInfo, DeadReason, DedupKey, Envelope, MessageId};
+use hookq_fuzz::wire_round_trip;
 use http::{HeaderMap, HeaderName, HeaderValue};
 use lapin::BasicProperties;
 use libfuzzer_sys::fuzz_target;
 
-/// The basic class, as lapin sends it in every content header.
-const BASIC_CLASS: u16 = 60;
 /// A short string's limit (content type and message id are short strings).
 const SHORT: usize = 255;
 
@@ -102,32 +101,6 @@ fn republish(env: &Envelope) -> Result<Envelope, hookq::broker::codec::DecodeErr
     let back = decode(&parsed, env.body.clone());
     assert_eq!(back, direct, "the wire changed what decodes");
     back
-}
-
-/// Serialises the properties as lapin does when it publishes (`gen_frame` on a
-/// content-header frame) and parses the bytes as lapin does on delivery.
-fn wire_round_trip(props: &BasicProperties, body_size: u64) -> BasicProperties {
-    let frame = AMQPFrame::Header(
-        1,
-        AMQPContentHeader {
-            class_id: BASIC_CLASS,
-            body_size,
-            properties: props.clone(),
-        },
-    );
-    let (bytes, _) = gen_frame(&frame)(WriteContext::from(Vec::new()))
-        .expect("the generator refused hookq's properties")
-        .into_inner();
-    let (rest, parsed) = parse_frame(bytes.as_slice()).expect("the generated frame does not parse");
-    assert!(rest.is_empty(), "{} bytes left after the frame", rest.len());
-    match parsed {
-        AMQPFrame::Header(1, h) => {
-            assert_eq!(h.class_id, BASIC_CLASS);
-            assert_eq!(h.body_size, body_size);
-            h.properties
-        }
-        other => panic!("the generated frame parsed as {other}"),
-    }
 }
 
 /// A string the fuzzer can cheaply make long: the text repeated 1..=64 times

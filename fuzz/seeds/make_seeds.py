@@ -152,25 +152,43 @@ def request(lines, headers, body):
 
 
 def idempotency_key():
-    write("idempotency_key", "github", request(
+    request_seeds("idempotency_key")
+
+
+def request_path():
+    # The same requests, through the whole path to the target's request; and
+    # ids no header can carry (hashed into the key), repeated headers, a
+    # latin-1 value and a Connection-named header.
+    request_seeds("request_path")
+    write("request_path", "hostile-body-ids", request(
+        ["byid", "none", "", "/id"],
+        [("Content-Type", "application/json"), ("X-Tag", "a"), ("X-Tag", "b")],
+        b'{"id":"evt\\n2026-12-06T13:47:00Z INFO forged\\u0001\\u007f"}'))
+    write("request_path", "connection-and-latin1", (
+        "shop\nnone\n\n\nConnection: x-hop\nX-Hop: 1\nX-Latin: caf\xe9\nContent-Type: text/plain\n\nbody"
+    ).encode("latin-1"))
+
+
+def request_seeds(target):
+    write(target, "github", request(
         ["github", "github", "", ""],
         [("X-GitHub-Delivery", "72d3162e-cc78-11e3-81ab-4c9367dc0958"), ("X-GitHub-Event", "push"),
          ("Content-Type", "application/json")],
         b'{"ref":"refs/heads/main"}'))
-    write("idempotency_key", "stripe-body-id", request(
+    write(target, "stripe-body-id", request(
         ["payments", "stripe", "", ""],
         [("Stripe-Signature", "t=1700000000,v1=5257a869e7ecebeda32affa62cdca3fa51cad7e77a0e56ff536d0ce8e108d8bd"),
          ("Idempotency-Key", "fresh-each-time")],
         b'{"id":"evt_1NG8Du2eZvKYlo2CUI79vXWy","object":"event","data":{"object":{"id":"pi_1"}}}'))
-    write("idempotency_key", "custom-header-and-pointer", request(
+    write(target, "custom-header-and-pointer", request(
         ["orders", "hmac-sha256", "x-order-id", "/data/order/id"],
         [("X-Order-Id", "  "), ("X-Signature", "sha256=00")],
         b'{"data":{"order":{"id":12345,"a~b":{"c/d":"x"}}}}'))
-    write("idempotency_key", "none-idempotency-key", request(
+    write(target, "none-idempotency-key", request(
         ["shop-1", "none", "", ""],
         [("Idempotency-Key", "order-7-" + "x" * 300), ("X-Event-Id", "ev-1")],
         b"plain text body"))
-    write("idempotency_key", "standard-webhook-id", request(
+    write(target, "standard-webhook-id", request(
         ["svix_app", "standard", "", ""],
         [("webhook-id", "msg_2KWPBgLlAfxdpx2AI54pPJ85f4W"), ("webhook-timestamp", "1674087231"),
          ("webhook-signature", "v1,K5oZfzN95Z9UVu1EsfQmfVNQhnkZ2pj9o9NDN/H/pI4=")],
@@ -243,5 +261,6 @@ def retry_after():
 
 envelope_codec()
 idempotency_key()
+request_path()
 signature_headers()
 retry_after()

@@ -5,7 +5,38 @@
 use std::sync::OnceLock;
 use std::time::{Duration, SystemTime};
 
+use amq_protocol::frame::{AMQPContentHeader, AMQPFrame, WriteContext, gen_frame, parse_frame};
 use http::{HeaderMap, HeaderName, HeaderValue};
+use lapin::BasicProperties;
+
+/// The basic class, as lapin sends it in every content header.
+const BASIC_CLASS: u16 = 60;
+
+/// Serialises the properties as lapin does when it publishes (`gen_frame` on a
+/// content-header frame) and parses the bytes as lapin does on delivery.
+pub fn wire_round_trip(props: &BasicProperties, body_size: u64) -> BasicProperties {
+    let frame = AMQPFrame::Header(
+        1,
+        AMQPContentHeader {
+            class_id: BASIC_CLASS,
+            body_size,
+            properties: props.clone(),
+        },
+    );
+    let (bytes, _) = gen_frame(&frame)(WriteContext::from(Vec::new()))
+        .expect("the generator refused hookq's properties")
+        .into_inner();
+    let (rest, parsed) = parse_frame(bytes.as_slice()).expect("the generated frame does not parse");
+    assert!(rest.is_empty(), "{} bytes left after the frame", rest.len());
+    match parsed {
+        AMQPFrame::Header(1, h) => {
+            assert_eq!(h.class_id, BASIC_CLASS);
+            assert_eq!(h.body_size, body_size);
+            h.properties
+        }
+        other => panic!("the generated frame parsed as {other}"),
+    }
+}
 
 /// Whether `HOOKQ_FUZZ_DEBUG` is set: the targets then print what they
 /// checked (handy with `cargo fuzz run TARGET ARTIFACT` to read a finding).
@@ -129,3 +160,71 @@ pub const KINDS: [hookq::ingress::verify::SchemeKind; 5] = {
         SchemeKind::HmacSha256,
     ]
 };
+
+/// A webhook request as the fuzz targets of the ingress read it: four lines
+/// (source, verify kind, id_header, id_json_pointer; an empty line is "not
+/// set"), then `name: value` header lines, an empty line, and the body.
+pub struct Request<'a> {
+    /// A name `config::valid_source_name` accepts (the router refuses others).
+    pub source: String,
+    pub settings: hookq::config::SourceSettings,
+    pub headers: HeaderMap,
+    pub body: &'a [u8],
+}
+
+impl<'a> Request<'a> {
+    pub fn parse(data: &'a [u8]) -> Self {
+        let (source, rest) = line(data);
+        let (verify, rest) = line(rest);
+        let (id_header, rest) = line(rest);
+        let (pointer, rest) = line(rest);
+        let (headers, body) = header_block(rest);
+        let source = source_name(source);
+        assert!(hookq::config::valid_source_name(&source));
+        let settings = hookq::config::SourceSettings {
+            verify: kind(verify),
+            id_header: optional(id_header),
+            id_json_pointer: optional(pointer),
+            ..Default::default()
+        };
+        Self {
+            source,
+            settings,
+            headers,
+            body,
+        }
+    }
+}
+
+/// 1 to 64 of `[a-z0-9_-]`, from any bytes.
+fn source_name(raw: &[u8]) -> String {
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789_-";
+    let s: String = raw
+        .iter()
+        .take(64)
+        .map(|&b| {
+            if ALPHABET.contains(&b) {
+                char::from(b)
+            } else {
+                char::from(ALPHABET[usize::from(b) % ALPHABET.len()])
+            }
+        })
+        .collect();
+    if s.is_empty() { "s".into() } else { s }
+}
+
+fn kind(raw: &[u8]) -> hookq::ingress::verify::SchemeKind {
+    use hookq::ingress::verify::SchemeKind;
+    match raw {
+        b"" | b"none" => SchemeKind::None,
+        b"github" => SchemeKind::Github,
+        b"stripe" => SchemeKind::Stripe,
+        b"standard" => SchemeKind::Standard,
+        b"hmac-sha256" => SchemeKind::HmacSha256,
+        other => KINDS[usize::from(other[0]) % KINDS.len()],
+    }
+}
+
+fn optional(raw: &[u8]) -> Option<String> {
+    (!raw.is_empty()).then(|| String::from_utf8_lossy(raw).into_owned())
+}
