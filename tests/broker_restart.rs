@@ -15,7 +15,7 @@ use std::time::Duration;
 use support::{Client, FakeTarget, TestEnv, wait_until};
 
 fn rabbitmqctl(args: &[&str]) {
-    let out = std::process::Command::new("rabbitmqctl")
+    let out = support::rabbitmqctl()
         .args(args)
         .output()
         .expect("rabbitmqctl");

@@ -250,7 +250,7 @@ async fn an_unwritable_store_holds_messages_then_recovers_without_loss_or_doubli
 /// The broker connections (pids) of this test's prefix whose name starts with
 /// `part`, as `rabbitmqctl` lists them (the name is in the client properties).
 fn connections_of(env: &TestEnv, part: &str) -> Vec<String> {
-    let out = std::process::Command::new("rabbitmqctl")
+    let out = crate::support::rabbitmqctl()
         .args(["-q", "list_connections", "pid", "client_properties"])
         .output()
         .expect("rabbitmqctl");
@@ -299,7 +299,7 @@ async fn a_dropped_connection_with_deliveries_in_flight_does_not_deliver_twice()
         connections_of(&env, "hookq-worker").len() == 2
     })
     .await;
-    let closed = std::process::Command::new("rabbitmqctl")
+    let closed = crate::support::rabbitmqctl()
         .args(["close_connection", &held[0], "test: connection dropped"])
         .status()
         .unwrap();

@@ -278,7 +278,7 @@ async fn one_retry_key_changed_from_its_default_starts() {
              [worker]\nhandler = \"log\"\n\
              [dedup]\npath = \"{}\"\n\
              [retry]\nmax_attempts = 10\n",
-            support::AMQP_URL,
+            support::amqp_url(),
             env.prefix,
             dir.join("hookq.db").display()
         ),
@@ -338,19 +338,26 @@ struct MaxMessageSize(String);
 impl MaxMessageSize {
     fn set(bytes: usize) -> Self {
         let before = broker_eval("{ok, N} = application:get_env(rabbit, max_message_size), N.");
-        broker_eval(&format!(
-            "application:set_env(rabbit, max_message_size, {bytes})."
-        ));
+        Self::put(&bytes.to_string());
         Self(before)
+    }
+
+    /// 3.10 reads the setting when a channel opens; 4.x caches it in a
+    /// persistent term that every publish reads.
+    fn put(bytes: &str) {
+        broker_eval(&format!(
+            "application:set_env(rabbit, max_message_size, {bytes}), \
+             case persistent_term:get(max_message_size, undefined) of \
+                 undefined -> ok; \
+                 _ -> persistent_term:put(max_message_size, {bytes}) \
+             end."
+        ));
     }
 }
 
 impl Drop for MaxMessageSize {
     fn drop(&mut self) {
-        broker_eval(&format!(
-            "application:set_env(rabbit, max_message_size, {}).",
-            self.0
-        ));
+        Self::put(&self.0);
     }
 }
 
@@ -363,14 +370,14 @@ impl Drop for MaxMessageSize {
 async fn a_body_over_what_the_broker_takes_gets_413() {
     let mut env = TestEnv::new("broker-size");
     env.settings.ingress.max_body_bytes = 1 << 20;
-    // Channels take the broker's limit when they open: hookq's publishers
-    // open under the lowered limit, and it is restored right after.
+    // Lowered while hookq's publishers open and publish the large body (no
+    // other test publishes bodies this large), restored right after.
     let lowered = MaxMessageSize::set(200_000);
     let up = env.up().await;
-    drop(lowered);
     let c = Client::new(up.ingress_addr.unwrap());
     let big = format!("{{\"pad\":\"{}\"}}", "x".repeat(300_000));
     let r = c.post("any", &[("idempotency-key", "big-1")], &big).await;
+    drop(lowered);
     assert_eq!(r.status(), 413);
     let v: serde_json::Value = r.json().await.unwrap();
     assert_eq!(v["error"], "payload_too_large");

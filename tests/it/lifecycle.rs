@@ -251,7 +251,7 @@ fn threads() -> usize {
 
 /// Broker connections whose name carries this test's prefix.
 fn broker_connections(env: &TestEnv) -> usize {
-    let out = std::process::Command::new("rabbitmqctl")
+    let out = crate::support::rabbitmqctl()
         .args(["-q", "list_connections", "client_properties"])
         .output()
         .expect("rabbitmqctl");

@@ -573,12 +573,10 @@ async fn bad_reason_exits_2_and_unreachable_broker_exits_1() {
     }
 }
 
-const MANAGEMENT: &str = "http://127.0.0.1:15672/api";
-
 /// A management API resource, or `None` while it is not there (yet).
 async fn management(http: &reqwest::Client, path: &str) -> Option<serde_json::Value> {
     let r = http
-        .get(format!("{MANAGEMENT}/{path}"))
+        .get(format!("{}/{path}", crate::support::management_api()))
         .basic_auth("guest", Some("guest"))
         .send()
         .await
@@ -610,8 +608,9 @@ async fn the_management_ui_shows_every_queue_with_its_arguments() {
     let http = reqwest::Client::new();
     assert!(
         management(&http, "overview").await.is_some(),
-        "the management API is not answering on {MANAGEMENT}: \
-         rabbitmq-plugins enable rabbitmq_management (.ci/run does)"
+        "the management API is not answering on {}: \
+         rabbitmq-plugins enable rabbitmq_management (.ci/run does)",
+        crate::support::management_api()
     );
     let env = TestEnv::new("mgmt");
     let _broker = env.broker().await;

@@ -31,10 +31,35 @@ macro_rules! on_both_queue_types {
     )*};
 }
 
-pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+/// The broker every test talks to: RabbitMQ 3.10 on this machine by default;
+/// `HOOKQ_TEST_AMQP_URL`, `HOOKQ_TEST_MANAGEMENT_URL` and
+/// `HOOKQ_TEST_RABBITMQCTL` point the whole suite at another (`.ci/run` runs it
+/// again against RabbitMQ 4.x that way).
+pub fn amqp_url() -> &'static str {
+    static URL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    URL.get_or_init(|| {
+        std::env::var("HOOKQ_TEST_AMQP_URL")
+            .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+    })
+}
+
+/// The broker's management API, `http://host:port/api` (guest:guest).
+pub fn management_api() -> &'static str {
+    static URL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    URL.get_or_init(|| {
+        let base = std::env::var("HOOKQ_TEST_MANAGEMENT_URL")
+            .unwrap_or_else(|_| "http://127.0.0.1:15672".into());
+        let base = base.trim_end_matches('/');
+        if base.ends_with("/api") {
+            base.to_string()
+        } else {
+            format!("{base}/api")
+        }
+    })
+}
 
 /// `rabbitmqctl` for the broker under test: `HOOKQ_TEST_RABBITMQCTL` (split
-/// on spaces: a chroot's, say), else the machine's own.
+/// on spaces: `.ci/rabbitmq4 ctl`, say), else the machine's own.
 pub fn rabbitmqctl() -> std::process::Command {
     let spec = std::env::var("HOOKQ_TEST_RABBITMQCTL").unwrap_or_else(|_| "rabbitmqctl".into());
     let mut words = spec.split_whitespace();
@@ -127,7 +152,8 @@ impl TestEnv {
                 .try_init();
         });
         let mut base = Settings::default();
-        base.amqp.urls = vec![AmqpUrl::parse(AMQP_URL).unwrap()];
+        base.amqp.urls = vec![AmqpUrl::parse(amqp_url()).unwrap()];
+        base.amqp.management_url = Some(TargetUrl::parse(management_api()).unwrap());
         base.amqp.prefix = "t".into();
         let mut sandbox = Sandbox::new(&base, name).expect("sandbox");
         let s = &mut sandbox.settings;
@@ -201,7 +227,7 @@ impl TestEnv {
 
     /// A plain lapin connection and channel, for doing to the broker what hookq never does.
     pub async fn raw_channel(&self) -> (lapin::Connection, lapin::Channel) {
-        let conn = lapin::Connection::connect(AMQP_URL, Default::default())
+        let conn = lapin::Connection::connect(amqp_url(), Default::default())
             .await
             .unwrap();
         let ch = conn.create_channel().await.unwrap();
