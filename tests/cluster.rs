@@ -7,6 +7,13 @@
 //! What they show: losing the node hookq is connected to costs a few seconds
 //! of 503s and a pause, a rolling restart likewise, and nothing is lost or
 //! delivered twice; the dead-letter tools work while a node is down.
+//!
+//! The nodes are the machine's RabbitMQ (3.10) by default. With
+//! `HOOKQ_CLUSTER_ROOT=/opt/rmq4` (a root made by `.ci/rabbitmq4`: RabbitMQ
+//! 4.x) they run from that root instead, as hq4-1..3@localhost on ports from
+//! 5800, with their directory inside the root (see `tests/cluster/cluster.sh`).
+//! The cluster's directory is removed at the end when every test passed, and
+//! kept (its logs) when one failed.
 
 // This binary uses a part of the shared helpers.
 #[allow(dead_code)]
@@ -28,18 +35,41 @@ use support::{Client, FakeTarget, TestEnv, wait_until};
 use tokio::sync::Mutex as AsyncMutex;
 
 const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/cluster/cluster.sh");
+/// The first port of the cluster on the machine's RabbitMQ (3.10) ...
 const BASEPORT: u16 = 5700;
+/// ... and of one from `HOOKQ_CLUSTER_ROOT` (4.x), apart from it.
+const BASEPORT_ROOT: u16 = 5800;
 const T: Duration = Duration::from_secs(120);
 
-/// The running cluster: its directory and each node's AMQP port.
+/// `HOOKQ_CLUSTER_ROOT`: the root of another RabbitMQ to run the nodes from
+/// (e.g. `/opt/rmq4`), or `None` (unset or empty) for the machine's own.
+fn cluster_root() -> Option<String> {
+    std::env::var("HOOKQ_CLUSTER_ROOT")
+        .ok()
+        .filter(|r| !r.trim().is_empty())
+}
+
+/// `bash cluster.sh`, told the root (or that there is none) explicitly.
+fn script_command() -> Command {
+    let mut cmd = Command::new("bash");
+    cmd.arg(SCRIPT);
+    match cluster_root() {
+        Some(root) => cmd.env("HOOKQ_CLUSTER_ROOT", root),
+        None => cmd.env_remove("HOOKQ_CLUSTER_ROOT"),
+    };
+    cmd
+}
+
+/// The running cluster: its directory, each node's AMQP port and the
+/// RabbitMQ version it runs.
 struct Cluster {
     dir: PathBuf,
     ports: Vec<u16>,
+    version: String,
 }
 
 fn script(args: &[&str]) -> String {
-    let out = Command::new("bash")
-        .arg(SCRIPT)
+    let out = script_command()
         .args(args)
         .output()
         .expect("run cluster.sh");
@@ -53,16 +83,44 @@ fn script(args: &[&str]) -> String {
 
 impl Cluster {
     fn start() -> Self {
-        let dir = std::env::temp_dir().join(format!("hookq-cluster-{}", std::process::id()));
+        // The nodes of a root see only what is inside it: their directory goes there.
+        let (tmp, baseport) = match cluster_root() {
+            Some(root) => (PathBuf::from(root).join("tmp"), BASEPORT_ROOT),
+            None => (std::env::temp_dir(), BASEPORT),
+        };
+        let dir = tmp.join(format!("hookq-cluster-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let d = dir.display().to_string();
-        let out = script(&["start", &d, &BASEPORT.to_string()]);
-        let ports = out
+        let started = Instant::now();
+        let out = script(&["start", &d, &baseport.to_string()]);
+        let nodes: Vec<(String, u16, u16)> = out
             .lines()
-            .filter_map(|l| l.split_whitespace().nth(1)?.parse().ok())
-            .collect::<Vec<u16>>();
-        assert_eq!(ports.len(), 3, "three nodes: {out}");
-        Self { dir, ports }
+            .filter_map(|l| {
+                let mut w = l.split_whitespace();
+                Some((
+                    w.next()?.to_string(),
+                    w.next()?.parse().ok()?,
+                    w.next()?.parse().ok()?,
+                ))
+            })
+            .collect();
+        assert_eq!(nodes.len(), 3, "three nodes: {out}");
+        let version = rabbitmq_version(nodes[0].2);
+        eprintln!(
+            "cluster of RabbitMQ {version} ({}) started in {:?}: {}",
+            cluster_root().unwrap_or_else(|| "this machine's RabbitMQ".into()),
+            started.elapsed(),
+            nodes
+                .iter()
+                .map(|(n, a, m)| format!("{n} amqp {a} http {m}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        Self {
+            dir,
+            ports: nodes.iter().map(|n| n.1).collect(),
+            version,
+        }
     }
 
     fn urls(&self) -> Vec<AmqpUrl> {
@@ -91,13 +149,41 @@ impl Cluster {
     }
 }
 
+/// The RabbitMQ version of the node whose management API is on `port`
+/// (curl: this runs before any runtime is at hand; cluster.sh needs it too).
+fn rabbitmq_version(port: u16) -> String {
+    let out = Command::new("curl")
+        .args(["-fsS", "--max-time", "10", "-u", "guest:guest"])
+        .arg(format!("http://127.0.0.1:{port}/api/overview"))
+        .output()
+        .expect("run curl");
+    serde_json::from_slice::<serde_json::Value>(&out.stdout)
+        .ok()
+        .and_then(|v| v["rabbitmq_version"].as_str().map(str::to_string))
+        .unwrap_or_else(|| "?".into())
+}
+
+/// Stops the nodes; removes the directory unless a test failed (then its
+/// logs stay, and where they are is said).
+fn stop_cluster(c: &Cluster) {
+    let stopped = script_command()
+        .args(["stop", &c.dir.display().to_string()])
+        .status()
+        .is_ok_and(|s| s.success());
+    if stopped && !FAILED.load(Ordering::SeqCst) {
+        let _ = std::fs::remove_dir_all(&c.dir);
+    } else {
+        eprintln!(
+            "cluster (RabbitMQ {}) kept for a look: {} (cluster.log, rmq/<node>/log/)",
+            c.version,
+            c.dir.display()
+        );
+    }
+}
+
 impl Drop for Cluster {
     fn drop(&mut self) {
-        let _ = Command::new("bash")
-            .arg(SCRIPT)
-            .args(["stop", &self.dir.display().to_string()])
-            .status();
-        let _ = std::fs::remove_dir_all(&self.dir);
+        stop_cluster(self);
     }
 }
 
@@ -106,16 +192,31 @@ impl Drop for Cluster {
 /// lock), plus the tests' own order.
 static CLUSTER: std::sync::OnceLock<Cluster> = std::sync::OnceLock::new();
 static ONE_AT_A_TIME: AsyncMutex<()> = AsyncMutex::const_new(());
+/// Set when a test failed: the cluster's directory is kept then.
+static FAILED: AtomicBool = AtomicBool::new(false);
+
+/// A test's turn (see [`ONE_AT_A_TIME`]); notes a failure when the test
+/// panics while holding it.
+struct Turn(#[allow(dead_code)] tokio::sync::MutexGuard<'static, ()>);
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            FAILED.store(true, Ordering::SeqCst);
+        }
+    }
+}
+
+async fn my_turn() -> Turn {
+    Turn(ONE_AT_A_TIME.lock().await)
+}
 
 fn cluster() -> &'static Cluster {
     CLUSTER.get_or_init(|| {
         // Stop the nodes when the test binary ends, whatever happened.
         extern "C" fn stop_at_exit() {
             if let Some(c) = CLUSTER.get() {
-                let _ = Command::new("bash")
-                    .arg(SCRIPT)
-                    .args(["stop", &c.dir.display().to_string()])
-                    .status();
+                stop_cluster(c);
             }
         }
         unsafe extern "C" {
@@ -243,7 +344,7 @@ async fn each_delivered_once(target: &FakeTarget, accepted: &HashSet<String>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn losing_the_node_in_use_costs_seconds_of_503s_and_nothing_else() {
-    let _one = ONE_AT_A_TIME.lock().await;
+    let _one = my_turn().await;
     let c = cluster();
     let target = FakeTarget::ok().await;
     let env = env_on(c, "nodeloss", &target);
@@ -276,7 +377,7 @@ async fn losing_the_node_in_use_costs_seconds_of_503s_and_nothing_else() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rolling_restart_loses_nothing_and_doubles_nothing() {
-    let _one = ONE_AT_A_TIME.lock().await;
+    let _one = my_turn().await;
     let c = cluster();
     let target = FakeTarget::ok().await;
     let env = env_on(c, "rolling", &target);
@@ -313,7 +414,7 @@ async fn a_rolling_restart_loses_nothing_and_doubles_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_dead_letter_tools_work_with_a_node_down() {
-    let _one = ONE_AT_A_TIME.lock().await;
+    let _one = my_turn().await;
     let c = cluster();
     let failing = Arc::new(AtomicU32::new(1));
     let f = failing.clone();

@@ -24,6 +24,20 @@
 #   CLUSTER_START_TIMEOUT  seconds to wait for a node to boot/join (default 180)
 #   CLUSTER_STOP_GRACE     seconds to wait for a node to stop before SIGKILL (default 30)
 #   CLUSTER_KEEP_ON_FAILURE=1  leave the nodes running when `start` fails (for debugging)
+#   HOOKQ_CLUSTER_ROOT     a root holding another RabbitMQ (e.g. /opt/rmq4, made by .ci/rabbitmq4:
+#                          RabbitMQ 4.x); unset or empty = the machine's own RabbitMQ. Fixed at
+#                          `start`, kept in DIR (later commands use the root `start` used).
+#
+# With HOOKQ_CLUSTER_ROOT=ROOT: the nodes and every rabbitmqctl/rabbitmq-diagnostics call run
+# with `chroot --userspec=<ROOT's rabbitmq uid:gid> ROOT` and ROOT's /usr/lib/rabbitmq/bin, with
+# HOME=ROOT's ~rabbitmq, so they share the Erlang cookie of ROOT's own node (not the host's).
+# DIR must then lie inside ROOT (e.g. ROOT/tmp/hookq-cluster-1234): the nodes see their files
+# under DIR minus the ROOT prefix; nothing is mounted or copied for them. ROOT/proc must be
+# mounted (as .ci/rabbitmq4 does): `start` bind-mounts /proc there when it is not, and `stop`
+# unmounts it again once nothing runs from ROOT. The default prefix is "hq4-" (hq4-1@localhost..),
+# the ports of ROOT's own node (rabbit4@localhost: 5682, 15682, 25682) are refused, the nodes'
+# soft open-files limit is raised to the hard one, and the caller picks a BASEPORT apart from
+# the 3.10 clusters' (e.g. 5800). Must run as root (chroot).
 #
 # Everything lives under DIR/rmq/<node>/ (config, enabled plugins, mnesia, logs, pid file),
 # owned by the `rabbitmq` user; DIR/cluster.state records prefix and base port, and
@@ -42,8 +56,11 @@
 set -euo pipefail
 
 PROG=${0##*/}
-RMQ_BIN=/usr/lib/rabbitmq/bin
+RMQ_BIN=/usr/lib/rabbitmq/bin   # inside ROOT when there is one
 RMQ_USER=rabbitmq
+# ROOT: the root the RabbitMQ we run lives in ("" = this machine's own, /). From the
+# environment for `start`, from DIR's state file for the other commands (pick_root).
+ROOT=
 START_TIMEOUT=${CLUSTER_START_TIMEOUT:-180}
 STOP_GRACE=${CLUSTER_STOP_GRACE:-30}
 NODES=(1 2 3)
@@ -67,9 +84,10 @@ elapsed() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
 # ---------------------------------------------------------------- environment checks
 
 check_env() {
+    command -v jq >/dev/null || die "jq is required (apt-get install jq)"
+    if [[ -n $ROOT ]]; then check_env_root; return; fi
     [[ -x $RMQ_BIN/rabbitmq-server && -x $RMQ_BIN/rabbitmqctl ]] ||
         die "RabbitMQ not found in $RMQ_BIN (is the Debian package rabbitmq-server installed?)"
-    command -v jq >/dev/null || die "jq is required (apt-get install jq)"
     RMQ_HOME=$(getent passwd "$RMQ_USER" | cut -d: -f6) ||
         die "no '$RMQ_USER' user on this machine"
     [[ -n $RMQ_HOME && -d $RMQ_HOME ]] || die "home of '$RMQ_USER' ($RMQ_HOME) does not exist"
@@ -93,6 +111,95 @@ check_env() {
         chmod 400 "$cookie"
         [[ $(id -u) -eq 0 ]] && chown "$RMQ_USER:" "$cookie"
     fi
+}
+
+# Same for a RabbitMQ in ROOT: its files, its rabbitmq user (by number: names are looked up
+# in ROOT's /etc/passwd, not the host's), its cookie, and ROOT/proc.
+check_env_root() {
+    [[ $(id -u) -eq 0 ]] || die "HOOKQ_CLUSTER_ROOT=$ROOT: run as root (chroot)"
+    [[ -d $ROOT && $ROOT != / ]] || die "HOOKQ_CLUSTER_ROOT=$ROOT is not a directory (make it with .ci/rabbitmq4)"
+    [[ -x $ROOT$RMQ_BIN/rabbitmq-server && -x $ROOT$RMQ_BIN/rabbitmqctl ]] ||
+        die "RabbitMQ not found in $ROOT$RMQ_BIN (make the root with .ci/rabbitmq4)"
+    local pw
+    pw=$(awk -F: -v u="$RMQ_USER" '$1 == u { print $3 ":" $4 ":" $6 }' "$ROOT/etc/passwd") || true
+    [[ $pw =~ ^([0-9]+):([0-9]+):(/.*)$ ]] || die "no '$RMQ_USER' user in $ROOT/etc/passwd"
+    RMQ_UIDGID=${BASH_REMATCH[1]}:${BASH_REMATCH[2]}
+    RMQ_HOME=${BASH_REMATCH[3]}                      # as the nodes see it
+    [[ -d $ROOT$RMQ_HOME ]] || die "home of '$RMQ_USER' ($ROOT$RMQ_HOME) does not exist"
+    AS_RMQ=(chroot "--userspec=$RMQ_UIDGID" "$ROOT")
+    # ROOT's node made its cookie when it first started; make one as it would otherwise.
+    local cookie=$ROOT$RMQ_HOME/.erlang.cookie
+    if [[ ! -e $cookie ]]; then
+        log "creating Erlang cookie $cookie"
+        (umask 077; tr -dc 'A-Z' </dev/urandom | head -c 20 >"$cookie")
+        chmod 400 "$cookie"
+        chown "$RMQ_UIDGID" "$cookie"
+    fi
+    "${AS_RMQ[@]}" test -r "$RMQ_HOME/.erlang.cookie" ||
+        die "$cookie is not readable by $RMQ_USER ($RMQ_UIDGID) in $ROOT"
+}
+
+# ROOT/proc: the Erlang VM and the CLI need it. Mounted by whoever started ROOT's own node;
+# when not, we bind-mount it and leave a mark in DIR so that `stop` unmounts it.
+proc_mounted() { mountpoint -q "$ROOT/proc"; }
+ensure_proc() {
+    [[ -n $ROOT ]] || return 0
+    proc_mounted && return 0
+    log "bind-mounting /proc on $ROOT/proc"
+    timeout 30 mount --bind /proc "$ROOT/proc" || die "cannot bind-mount /proc on $ROOT/proc"
+    : >"$DIR/proc.mounted"
+}
+# Pids of processes running in ROOT (any, not only ours).
+root_pids() {
+    local real p
+    real=$(readlink -f "$ROOT")
+    for p in /proc/[0-9]*; do
+        [[ $(readlink "$p/root" 2>/dev/null) == "$real" ]] && echo "${p#/proc/}"
+    done
+    return 0
+}
+release_proc() {
+    [[ -n $ROOT && -f $DIR/proc.mounted ]] || return 0
+    if proc_mounted; then
+        if [[ -n $(root_pids) ]]; then
+            log "leaving $ROOT/proc mounted: processes still run in $ROOT"
+            return 0
+        fi
+        timeout 30 umount "$ROOT/proc" || { log "cannot unmount $ROOT/proc"; return 0; }
+        log "unmounted $ROOT/proc"
+    fi
+    rm -f "$DIR/proc.mounted"
+}
+
+# The path under which the nodes (in ROOT) see the host path $1.
+inner() { if [[ -n $ROOT ]]; then echo "${1#"$ROOT"}"; else echo "$1"; fi; }
+
+# For `start`: ROOT from HOOKQ_CLUSTER_ROOT; DIR must lie inside it.
+root_from_env() {
+    ROOT=${HOOKQ_CLUSTER_ROOT:-}
+    [[ -n $ROOT ]] || return 0
+    ROOT=$(realpath -m -- "$ROOT")
+    [[ $ROOT != / ]] || { ROOT=; return 0; }
+    [[ $DIR == "$ROOT"/* ]] ||
+        die "with HOOKQ_CLUSTER_ROOT=$ROOT, DIR must lie inside it (e.g. $ROOT/tmp/hookq-cluster), so that the nodes see it; got $DIR"
+}
+
+# For the other commands: the root recorded at `start`; HOOKQ_CLUSTER_ROOT when DIR holds no
+# state (e.g. `stop` on a DIR whose state file is gone).
+pick_root() {
+    if [[ -f $STATE ]] && grep -q '^ROOT=' "$STATE"; then
+        ROOT=$(sed -n 's/^ROOT=//p' "$STATE")
+    elif [[ -f $STATE ]]; then
+        ROOT=   # written before roots existed: the machine's own RabbitMQ
+    else
+        ROOT=${HOOKQ_CLUSTER_ROOT:-}
+        [[ -z $ROOT ]] || ROOT=$(realpath -m -- "$ROOT")
+        [[ $ROOT != / ]] || ROOT=
+    fi
+    if [[ -n ${HOOKQ_CLUSTER_ROOT:-} && $(realpath -m -- "$HOOKQ_CLUSTER_ROOT") != "${ROOT:-/}" ]]; then
+        log "note: HOOKQ_CLUSTER_ROOT=$HOOKQ_CLUSTER_ROOT ignored: the cluster in $DIR was started with root '${ROOT:-/}'"
+    fi
+    return 0
 }
 
 # The environment of every rabbitmq process we start: nothing inherited from the caller
@@ -213,7 +320,7 @@ EOF
 }
 
 node_env() {   # $1 = index; prints nothing, sets NODE_ENV
-    local i=$1 d; d=$(node_dir "$i")
+    local i=$1 d; d=$(inner "$(node_dir "$i")")   # the node's view of its directory
     NODE_ENV=("${BASE_ENV[@]}"
         HQ_CLUSTER_DIR="$DIR"
         RABBITMQ_NODENAME="$(node_name "$i")"
@@ -236,7 +343,10 @@ launch_node() {   # $1 = index: start the VM detached, do not wait
     echo "=== $(date '+%F %T') starting $(node_name "$i")" >>"$d/startup.log"
     # stdout/stderr go to a file: a detached VM must not keep the caller's pipes open
     # (or `$(cluster.sh start ...)` would never return); fd 9 (our lock) is closed for it.
-    if ! "${AS_RMQ[@]}" env -i "${NODE_ENV[@]}" "$RMQ_BIN/rabbitmq-server" -detached \
+    # In ROOT: the soft open-files limit up to the hard one (RabbitMQ warns below 65536 and
+    # a caller's 1024 would be kept; on the host the 3.10 nodes keep what they get, as before).
+    if ! (if [[ -n $ROOT ]]; then ulimit -Sn "$(ulimit -Hn)" 2>/dev/null || true; fi
+          exec "${AS_RMQ[@]}" env -i "${NODE_ENV[@]}" "$RMQ_BIN/rabbitmq-server" -detached) \
             >>"$d/startup.log" 2>&1 </dev/null 9>&-; then
         show_node_logs "$i"
         die "rabbitmq-server -detached failed for $(node_name "$i")"
@@ -329,10 +439,11 @@ cmd_start() {
     local base=$2 i p n t0 deadline
     [[ $base =~ ^[0-9]+$ ]] || die "BASEPORT must be a number (got '$base')"
     ((base >= 1024 && base + 22 <= 65535)) || die "BASEPORT must be in 1024..65513 (got $base)"
+    root_from_env
     check_env; set_base_env
     mkdir -p "$DIR"
     LOGFILE=$DIR/cluster.log
-    log "=== start $DIR $base"
+    log "=== start $DIR $base${ROOT:+ (RabbitMQ in $ROOT)}"
     lock_dir
 
     # A cluster from this DIR already running?
@@ -340,13 +451,16 @@ cmd_start() {
         die "nodes started from $DIR are still running ($(our_beams "" | xargs)); run '$PROG stop $DIR' first"
     fi
 
-    case ${CLUSTER_PREFIX:-hq} in
+    local default_prefix=hq
+    [[ -n $ROOT ]] && default_prefix=hq4-
+    case ${CLUSTER_PREFIX:-$default_prefix} in
         auto) PREFIX="hq$(printf '%s' "$DIR" | sha1sum | cut -c1-6)n" ;;
-        *) PREFIX=${CLUSTER_PREFIX:-hq} ;;
+        *) PREFIX=${CLUSTER_PREFIX:-$default_prefix} ;;
     esac
     [[ $PREFIX =~ ^[A-Za-z][A-Za-z0-9_-]*$ ]] || die "bad CLUSTER_PREFIX '$PREFIX'"
     BASEPORT=$base
     [[ $(node_name 1) != rabbit@* && $PREFIX != rabbit ]] || die "prefix '$PREFIX' would clash with the default node"
+    [[ -z $ROOT || $PREFIX != rabbit4 ]] || die "prefix '$PREFIX' would clash with $ROOT's own node (rabbit4@localhost)"
 
     # Ports: never the default node's (5672 AMQP, 15672 HTTP, 25672 dist), epmd (4369), the
     # CLI tools' own distribution range (35672-35682); and nothing else may listen there.
@@ -354,6 +468,9 @@ cmd_start() {
         for p in $(amqp_port "$i") $(dist_port "$i") $(mgmt_port "$i"); do
             if ((p == 4369 || p == 5672 || p == 15672 || p == 25672 || (p >= 35672 && p <= 35682))); then
                 die "BASEPORT $base gives port $p, which the default node, epmd or the CLI tools use; pick another BASEPORT (e.g. 5700)"
+            fi
+            if [[ -n $ROOT ]] && ((p == 5682 || p == 15682 || p == 25682)); then
+                die "BASEPORT $base gives port $p, which $ROOT's own node (rabbit4@localhost) uses; pick another BASEPORT (e.g. 5800)"
             fi
             port_in_use "$p" && die "port $p (from BASEPORT $base) is already in use: $(ss -Hltnp "( sport = :$p )" | head -1)"
         done
@@ -366,27 +483,33 @@ cmd_start() {
         fi
     done
 
+    ensure_proc
     # The rabbitmq user must reach DIR (mktemp -d makes it 0700).
-    if ! "${AS_RMQ[@]}" test -x "$DIR"; then
+    if ! "${AS_RMQ[@]}" test -x "$(inner "$DIR")"; then
         if [[ $(stat -c %u "$DIR") -eq $(id -u) ]]; then
             log "making $DIR traversable (o+x) so that $RMQ_USER can reach $DATA"
             chmod o+x "$DIR"
         fi
-        "${AS_RMQ[@]}" test -x "$DIR" ||
-            die "user $RMQ_USER cannot reach $DIR (a parent directory is not traversable); use a DIR under /tmp"
+        "${AS_RMQ[@]}" test -x "$(inner "$DIR")" ||
+            die "user $RMQ_USER cannot reach $DIR (a parent directory is not traversable); use a DIR under ${ROOT:+$ROOT}/tmp"
     fi
 
     # Fresh data every start (an old DATA would make the nodes come up already clustered).
     rm -rf -- "$DATA"
     mkdir -p "$DATA"
     printf 'PREFIX=%s\nBASEPORT=%s\nDIR=%s\n' "$PREFIX" "$BASEPORT" "$DIR" >"$STATE"
+    [[ -n $ROOT ]] && printf 'ROOT=%s\n' "$ROOT" >>"$STATE"
     for i in "${NODES[@]}"; do write_node_files "$i"; done
-    [[ $(id -u) -eq 0 ]] && chown -R "$RMQ_USER:" "$DATA"
+    if [[ -n $ROOT ]]; then
+        chown -R "$RMQ_UIDGID" "$DATA"
+    elif [[ $(id -u) -eq 0 ]]; then
+        chown -R "$RMQ_USER:" "$DATA"
+    fi
     chmod 755 "$DATA"
 
     # From here on, a failure stops whatever we started.
     if [[ ${CLUSTER_KEEP_ON_FAILURE:-0} != 1 ]]; then
-        trap 'rc=$?; if ((rc != 0)); then log "start failed: stopping the nodes started from $DIR"; stop_all || true; fi' EXIT
+        trap 'rc=$?; if ((rc != 0)); then log "start failed: stopping the nodes started from $DIR"; stop_all || true; release_proc || true; fi' EXIT
     fi
 
     t0=$(now)
@@ -441,6 +564,7 @@ cmd_stop_node() {
     setup_dir "$1"; check_node_index "$2"
     local i=$2 mode=${3:-} n t0 pids peer deadline j
     [[ -z $mode || $mode == --kill ]] || usage
+    pick_root
     check_env; set_base_env
     load_state || die "no cluster was started from $DIR"
     lock_dir
@@ -479,10 +603,12 @@ cmd_start_node() {
     [[ $# -eq 2 ]] || usage
     setup_dir "$1"; check_node_index "$2"
     local i=$2 n t0 deadline j peer
+    pick_root
     check_env; set_base_env
     load_state || die "no cluster was started from $DIR"
     [[ -d $(node_dir "$i")/mnesia ]] || die "no data for $(node_name "$i") in $DATA"
     lock_dir
+    ensure_proc
     n=$(node_name "$i")
     t0=$(now)
     deadline=$(( $(date +%s) + START_TIMEOUT ))
@@ -527,9 +653,11 @@ cmd_stop() {
     [[ $# -eq 1 ]] || usage
     setup_dir "$1"
     [[ -d $DIR ]] || { log "$DIR does not exist: nothing to stop"; return 0; }
+    pick_root
     check_env; set_base_env
     lock_dir
     stop_all
+    release_proc
 }
 
 # Stop every VM started from DIR: `rabbitmqctl stop` to all at once, SIGKILL after the grace.
@@ -545,7 +673,7 @@ stop_all() {
         [[ -n $n && " ${names[*]} " != *" $n "* ]] && names+=("$n")
     done
     for n in "${names[@]}"; do
-        [[ $n == rabbit@* ]] && continue   # never, whatever the state file says
+        [[ $n == rabbit@* || $n == rabbit4@* ]] && continue   # never, whatever the state file says
         beam_alive "$n" || continue
         log "stopping $n"
         CTL_TIMEOUT=$((STOP_GRACE + 5)) ctl -q -n "$n" stop --idempotent >/dev/null 2>&1 &
@@ -570,6 +698,7 @@ cmd_status() {
     [[ $# -eq 1 ]] || usage
     setup_dir "$1"
     local i n st
+    pick_root
     check_env; set_base_env
     load_state || die "no cluster was started from $DIR"
     for i in "${NODES[@]}"; do
