@@ -2,6 +2,7 @@
 //! a reader with `basic.get` (the tools), and settling each message once.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::StreamExt;
 use lapin::Channel;
@@ -154,6 +155,31 @@ impl Consumer {
             .channel
             .basic_cancel(self.tag.as_str().into(), BasicCancelOptions::default())
             .await;
+    }
+
+    /// Stops the consumer and hands back, one `basic.nack(requeue)` each, the
+    /// deliveries the broker sent that the caller never took ([`Consumer::next`]):
+    /// after `basic.cancel` they come before the stream's end. A nack, not the
+    /// channel's close: RabbitMQ 4.3 counts a lost channel against a quorum
+    /// queue's delivery limit, and not a nack. What the caller took stays its
+    /// own to settle (call [`Consumer::close`] after).
+    pub async fn cancel_and_hand_back(&mut self) {
+        /// A cancel-ok takes a round trip; more than this and the channel is
+        /// in trouble (its close hands back the rest).
+        const CANCEL_WAIT: Duration = Duration::from_secs(5);
+        self.cancel().await;
+        let deadline = tokio::time::Instant::now() + CANCEL_WAIT;
+        while let Ok(Some(Ok(d))) = tokio::time::timeout_at(deadline, self.inner.next()).await {
+            self.ledger.delivered(d.delivery_tag);
+            let acker = Acker {
+                inner: d.acker,
+                tag: d.delivery_tag,
+                ledger: Some(self.ledger.clone()),
+            };
+            if acker.requeue().await.is_err() {
+                break;
+            }
+        }
     }
 
     /// Closes the channel: anything still unacked goes back to the queue.

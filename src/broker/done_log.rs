@@ -31,6 +31,24 @@ pub struct DoneRecord {
     pub marker: Option<String>,
 }
 
+impl DoneRecord {
+    /// What tells this record from another at the same offset of another
+    /// stream: a marker's token (unique), else a hash of the keys and time.
+    pub fn fingerprint(&self) -> String {
+        use sha2::Digest;
+        if let Some(m) = &self.marker {
+            return format!("m:{m}");
+        }
+        let mut h = sha2::Sha256::new();
+        for k in &self.keys {
+            h.update(k.as_bytes());
+            h.update(b"\n");
+        }
+        h.update(self.at_ms.to_be_bytes());
+        format!("r:{}", hex::encode(&h.finalize()[..16]))
+    }
+}
+
 fn long(v: impl Into<Vec<u8>>) -> AMQPValue {
     AMQPValue::LongString(LongString::from(v))
 }
@@ -100,8 +118,9 @@ impl Broker {
         self.append(partition, Vec::new(), h, timeout).await
     }
 
-    /// Reads partition `partition`'s done-log from `from` (its first record
-    /// when `None`, or when the records before `from` have expired).
+    /// Reads partition `partition`'s done-log from offset `from` (its first
+    /// record when `None`, or when the records before `from` have expired).
+    /// An offset past the stream's end waits until the stream gets there.
     pub async fn read_done(&self, partition: u32, from: Option<u64>) -> Result<DoneReader, Error> {
         let session = self.session()?;
         let channel = session.connection.create_channel().await?;

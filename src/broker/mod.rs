@@ -43,6 +43,9 @@ use crate::events::Events;
 use crate::message::Envelope;
 use session::Session;
 
+/// The least time between two [`Broker::repair_topology`] declarations.
+pub const REPAIR_EVERY: Duration = Duration::from_secs(1);
+
 /// How long connecting and declaring may take before the attempt is abandoned.
 pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -90,6 +93,10 @@ struct Inner {
     /// bodies are refused here from then on: a refused publish closes its
     /// channel, and with it every publish in flight on the connection.
     max_body: AtomicUsize,
+    /// When the topology was last declared again by [`Broker::repair_topology`]
+    /// (milliseconds since `started`).
+    repaired_at: std::sync::atomic::AtomicU64,
+    started: std::time::Instant,
     /// Cancelled by [`Broker::close`]: the supervisor closes the connection and ends.
     stop: CancellationToken,
     supervisor: Mutex<Option<JoinHandle<()>>>,
@@ -130,6 +137,8 @@ impl Broker {
                 kick: Notify::new(),
                 events,
                 max_body: AtomicUsize::new(usize::MAX),
+                repaired_at: std::sync::atomic::AtomicU64::new(0),
+                started: std::time::Instant::now(),
                 stop: CancellationToken::new(),
                 supervisor: Mutex::new(None),
             }),
@@ -265,6 +274,37 @@ impl Broker {
         self.inner.kick.notify_one();
     }
 
+    /// Declares the topology again, in the background and at most once every
+    /// [`REPAIR_EVERY`]: a queue, exchange or stream deleted under a running
+    /// hookq (by an operator, a policy, a broker reset) comes back without a
+    /// reconnect. Called when a publish comes back unroutable and when a
+    /// consumer cannot start or is cancelled by the broker.
+    pub fn repair_topology(&self) {
+        let now = u64::try_from(self.inner.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let every = u64::try_from(REPAIR_EVERY.as_millis()).unwrap_or(u64::MAX);
+        let last = self.inner.repaired_at.load(Ordering::Relaxed);
+        if (last != 0 && now.saturating_sub(last) < every)
+            || self
+                .inner
+                .repaired_at
+                .compare_exchange(last, now.max(1), Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            return;
+        }
+        let broker = self.clone();
+        tokio::spawn(async move {
+            match broker.declare_topology().await {
+                Ok(_) => {
+                    tracing::info!(connection = %broker.name(), "declared the topology again (a queue or exchange was missing)")
+                }
+                Err(e) => {
+                    tracing::warn!(connection = %broker.name(), error = %e, "could not declare the topology again; retrying later")
+                }
+            }
+        });
+    }
+
     /// Publishes persistently and waits for the broker's confirm. `mandatory`: a
     /// message no queue takes is an error, never a silent drop.
     pub async fn publish(
@@ -343,6 +383,8 @@ impl Broker {
             }
             Ok(Ok(Confirmation::Ack(None))) => Ok(()),
             Ok(Ok(Confirmation::Ack(Some(r)))) | Ok(Ok(Confirmation::Nack(Some(r)))) => {
+                // Unroutable: a queue or binding of the topology may be gone.
+                self.repair_topology();
                 Err(Error::Returned(r.reply_text.to_string()))
             }
             Ok(Ok(Confirmation::Nack(None) | Confirmation::NotRequested)) => Err(Error::Nacked),
@@ -442,6 +484,10 @@ impl Broker {
 
     /// Messages waiting in a queue (not counting unacked ones).
     pub async fn queue_len(&self, queue: &str) -> Result<u32, Error> {
+        Ok(self.passive(queue).await?.message_count())
+    }
+
+    async fn passive(&self, queue: &str) -> Result<lapin::Queue, Error> {
         let session = self.session()?;
         let ch = session.connection.create_channel().await?;
         let q = ch
@@ -455,7 +501,7 @@ impl Broker {
             )
             .await?;
         let _ = ch.close(200, "done".into()).await;
-        Ok(q.message_count())
+        Ok(q)
     }
 
     /// Deletes every queue and exchange of this topology (tests and the

@@ -11,7 +11,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::broker::{self, Broker};
-use crate::dedup::store::Store;
+use crate::dedup::store::{ReadPosition, Store};
 use crate::message::{DedupKey, epoch_ms};
 
 /// How long an append or a marker may wait for its confirm.
@@ -19,6 +19,9 @@ const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
 /// A catch-up that receives nothing for this long has failed (the message that
 /// started it goes back to the queue, and a later one tries again).
 const READ_STALL: Duration = Duration::from_secs(30);
+/// How long the record at a stored read position may take to arrive before
+/// the done-log is taken for another one (see [`DoneLog::catch_up`]).
+const FIRST_RECORD_WAIT: Duration = Duration::from_secs(2);
 /// Keys that share one stream message at most.
 const BATCH: usize = 512;
 /// Records applied between notes of how far the catch-up got.
@@ -59,25 +62,79 @@ impl DoneLog {
     /// host left it up to a marker appended now: everything any worker
     /// recorded before this worker took the partition over. Returns how many
     /// keys it applied.
+    ///
+    /// Where this host left it is a record's offset and fingerprint: the
+    /// reader starts at that record, and when it is not there (the done-log
+    /// was recreated, or the record expired) reads the done-log from its
+    /// start instead. So a recreated done-log is never waited on (a reader
+    /// past a stream's end waits for the stream to get there).
     pub async fn catch_up(&self, partition: u32) -> Result<u64, CatchUpError> {
         let log = self.broker.topology().done(partition);
         let token = uuid::Uuid::now_v7().to_string();
         self.broker
             .append_marker(partition, &token, CONFIRM_TIMEOUT)
             .await?;
-        let from = self.store.applied(&log).await?;
-        let mut reader = self.broker.read_done(partition, from).await?;
+        let from = self.store.read_position(&log).await?;
+        if let Some(at) = from {
+            match self.read(partition, &log, Some(&at), &token).await {
+                Err(CatchUpError::NotThere) => {
+                    tracing::info!(
+                        partition,
+                        offset = at.offset,
+                        "the done-log is not the one this host read before (recreated, or expired that far): reading it from its start"
+                    );
+                }
+                done => return done,
+            }
+        }
+        self.read(partition, &log, None, &token).await
+    }
+
+    /// Reads `log` from `at` (its start when `None`) up to the marker `token`,
+    /// applying every record after `at`; [`CatchUpError::NotThere`] when the
+    /// first record is not `at`.
+    async fn read(
+        &self,
+        partition: u32,
+        log: &str,
+        at: Option<&ReadPosition>,
+        token: &str,
+    ) -> Result<u64, CatchUpError> {
+        let mut reader = self
+            .broker
+            .read_done(partition, at.map(|p| p.offset))
+            .await?;
         let mut applied = 0u64;
         let mut since_note = 0u64;
+        let mut first = at.is_some();
         let result = loop {
-            let record = match tokio::time::timeout(READ_STALL, reader.next()).await {
+            // The record at a stored position is there at once when it is there
+            // at all; a wrong guess only costs reading from the start.
+            let wait = if first { FIRST_RECORD_WAIT } else { READ_STALL };
+            let record = match tokio::time::timeout(wait, reader.next()).await {
+                Err(_) if first => break Err(CatchUpError::NotThere),
                 Err(_) => break Err(CatchUpError::Stalled(READ_STALL)),
                 Ok(None) => break Err(broker::Error::Unavailable.into()),
                 Ok(Some(Err(e))) => break Err(e.into()),
                 Ok(Some(Ok(r))) => r,
             };
-            if record.marker.as_deref() == Some(token.as_str()) {
-                self.store.set_applied(&log, record.offset + 1).await?;
+            if first {
+                first = false;
+                let expected = at.is_some_and(|p| {
+                    p.offset == record.offset && p.fingerprint == record.fingerprint()
+                });
+                if !expected {
+                    break Err(CatchUpError::NotThere);
+                }
+                // Applied before: only what follows it is new.
+                continue;
+            }
+            let position = ReadPosition {
+                offset: record.offset,
+                fingerprint: record.fingerprint(),
+            };
+            if record.marker.as_deref() == Some(token) {
+                self.store.set_read_position(log, position).await?;
                 break Ok(applied);
             }
             if !record.keys.is_empty() {
@@ -87,7 +144,7 @@ impl DoneLog {
             since_note += 1;
             if since_note >= NOTE_EVERY {
                 since_note = 0;
-                self.store.set_applied(&log, record.offset + 1).await?;
+                self.store.set_read_position(log, position).await?;
             }
         };
         reader.close().await;
@@ -103,6 +160,9 @@ pub enum CatchUpError {
     Store(#[from] crate::dedup::Error),
     #[error("the done-log sent nothing for {0:?}")]
     Stalled(Duration),
+    /// The record this host read last is not at its offset any more.
+    #[error("the done-log's record at the stored position is another one")]
+    NotThere,
 }
 
 /// Takes every waiting append, groups them by partition, writes one record

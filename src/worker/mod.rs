@@ -67,39 +67,123 @@ pub struct Worker {
 /// How long, at most, a worker that starts waits before its lowest-scored
 /// partition's subscription (see [`Worker::subscription_order`]).
 const STAGGER: Duration = Duration::from_millis(1500);
+/// The first wait before subscribing again after a consumer could not start
+/// or ended soon after it started; it doubles up to [`RESUBSCRIBE_MAX`].
+const RESUBSCRIBE_MIN: Duration = Duration::from_millis(200);
+const RESUBSCRIBE_MAX: Duration = Duration::from_secs(10);
+
+/// `d` give or take a fifth, so that workers that failed together do not
+/// retry together.
+fn jittered(d: Duration) -> Duration {
+    d.mul_f64(0.8 + 0.4 * rand::random::<f64>())
+}
+
+/// What one partition's subscription loop works with.
+struct Subscription {
+    index: u32,
+    /// The wait before the first subscription (see [`Worker::subscription_order`]).
+    stagger: Duration,
+    out: Arc<Out>,
+    done_log: Option<Arc<DoneLog>>,
+    /// Where a consumer's unfinished messages finish after it ends.
+    tracker: TaskTracker,
+}
 
 /// One partition's consumer of the current connection.
 struct Partition {
     index: u32,
     consumer: broker::Consumer,
-    /// Whether the partition's done-log has been read since this subscription
-    /// (the first message it delivers means this worker is the active one).
-    caught_up: Arc<tokio::sync::OnceCell<()>>,
+    /// Whether this worker read the partition's done-log since it last may
+    /// have lost the partition.
+    activation: Arc<Activation>,
 }
 
-/// Reads partition `i`'s done-log before the first message from it is
-/// processed; concurrent messages wait for the same read. False when the read
-/// failed (the message goes back; a later one tries again).
-async fn catch_up_once(
-    step: &Step,
-    log: &DoneLog,
-    i: u32,
-    caught_up: &tokio::sync::OnceCell<()>,
-) -> bool {
-    let read = caught_up
-        .get_or_try_init(|| async {
-            let started = std::time::Instant::now();
-            let applied = log.catch_up(i).await?;
-            tracing::info!(partition = i, applied, took = ?started.elapsed(), "active on this partition: its done-log is read, delivering");
-            step.events.partition(i, true);
-            Ok::<(), done_log::CatchUpError>(())
-        })
-        .await;
-    match read {
-        Ok(()) => true,
-        Err(e) => {
-            tracing::warn!(partition = i, error = %e, "could not read the partition's done-log; handing the message back");
-            false
+/// Whether a worker has read a partition's done-log since it could last have
+/// stopped being the partition's active consumer. The broker never says when
+/// a consumer becomes active (again); it can only have stopped being it while
+/// none of its messages from the partition were unsettled: RabbitMQ 4.x hands
+/// a partition to a higher-priority consumer only once the current one has
+/// settled what it holds, and 3.10 only when the consumer goes. So the read
+/// is due before the first message of every busy spell: at the first message
+/// of a subscription, and at the first one after the partition's messages in
+/// flight fell to none ([`Activation::idle`]).
+struct Activation {
+    partition: u32,
+    /// Set once the done-log is read for the current busy spell.
+    read: std::sync::Mutex<Arc<tokio::sync::OnceCell<()>>>,
+    /// Reads since the subscription began (the first one is logged at info).
+    reads: std::sync::atomic::AtomicU64,
+    /// Failed reads in a row: the pause before handing a message back grows
+    /// with them, so a done-log that keeps failing is not a hot loop, nor a
+    /// fast way to spend a quorum queue's delivery limit.
+    failures: std::sync::atomic::AtomicU32,
+}
+
+/// The first pause before a message goes back after a failed done-log read;
+/// it doubles with each failure in a row, up to [`CATCH_UP_PAUSE_MAX`].
+const CATCH_UP_PAUSE: Duration = Duration::from_millis(500);
+const CATCH_UP_PAUSE_MAX: Duration = Duration::from_secs(30);
+
+impl Activation {
+    fn new(partition: u32) -> Self {
+        Self {
+            partition,
+            read: std::sync::Mutex::new(Arc::new(tokio::sync::OnceCell::new())),
+            reads: Default::default(),
+            failures: Default::default(),
+        }
+    }
+
+    /// None of the partition's messages is in flight: the next one reads the
+    /// done-log first.
+    fn idle(&self) {
+        if let Ok(mut cell) = self.read.lock()
+            && cell.initialized()
+        {
+            *cell = Arc::new(tokio::sync::OnceCell::new());
+        }
+    }
+
+    /// Reads the done-log once for this busy spell (concurrent messages wait
+    /// for the same read). False when the read failed: after a pause, the
+    /// message goes back and a later one tries again.
+    async fn ready(&self, step: &Step, log: &DoneLog) -> bool {
+        use std::sync::atomic::Ordering;
+        let Ok(cell) = self.read.lock().map(|c| c.clone()) else {
+            return false;
+        };
+        let i = self.partition;
+        let read = cell
+            .get_or_try_init(|| async {
+                let started = std::time::Instant::now();
+                let applied = log.catch_up(i).await?;
+                let first = self.reads.fetch_add(1, Ordering::Relaxed) == 0;
+                if first || applied > 0 {
+                    tracing::info!(partition = i, applied, took = ?started.elapsed(), "active on this partition: its done-log is read, delivering");
+                } else {
+                    tracing::debug!(partition = i, took = ?started.elapsed(), "the done-log has nothing new");
+                }
+                step.events.partition(i, true);
+                Ok::<(), done_log::CatchUpError>(())
+            })
+            .await;
+        match read {
+            Ok(()) => {
+                self.failures.store(0, Ordering::Relaxed);
+                true
+            }
+            Err(e) => {
+                let n = self.failures.fetch_add(1, Ordering::Relaxed).min(16);
+                let pause = CATCH_UP_PAUSE
+                    .saturating_mul(1 << n)
+                    .min(CATCH_UP_PAUSE_MAX);
+                tracing::warn!(partition = i, error = %e, ?pause, "could not read the partition's done-log; handing the message back");
+                tokio::select! {
+                    _ = step.abandon.cancelled() => {}
+                    _ = tokio::time::sleep(pause) => {}
+                }
+                false
+            }
         }
     }
 }
@@ -148,7 +232,6 @@ impl Worker {
 
     /// Consumes until [`Worker::stop`], then drains within the grace period.
     pub async fn run(self: Arc<Self>) -> anyhow::Result<()> {
-        let shutdown = self.step.shutdown.clone();
         let tracker = TaskTracker::new();
         let background = tracker.spawn({
             let w = self.clone();
@@ -165,89 +248,101 @@ impl Worker {
             broker: self.broker.clone(),
             done_log: done_log.clone(),
         });
-        let mut first_connect = true;
-
-        while self.broker.wait_ready(&shutdown).await {
-            // Cancelled when any of this connection's consumers ends.
-            let generation = CancellationToken::new();
-            let mut loops = tokio::task::JoinSet::new();
-            for (i, delay) in self.subscription_order(first_connect) {
-                tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    _ = generation.cancelled() => break,
-                    _ = tokio::time::sleep(delay) => {}
-                }
-                let queue = topo.work(i);
-                let consumer = match self
-                    .broker
-                    .consume_prioritised(&queue, self.prefetch, self.priority(i))
-                    .await
-                {
-                    Ok(c) => c,
-                    Err(e) => {
-                        tracing::warn!(%queue, error = %e, "cannot start consuming; retrying");
-                        generation.cancel();
-                        break;
-                    }
-                };
-                tracing::info!(%queue, prefetch = self.prefetch, concurrency = self.concurrency, "consuming");
-                let part = Partition {
-                    index: i,
-                    consumer,
-                    caught_up: Arc::new(tokio::sync::OnceCell::new()),
-                };
-                loops.spawn(self.clone().consume(
-                    part,
-                    out.clone(),
-                    done_log.clone(),
-                    generation.clone(),
-                    tracker.clone(),
-                ));
-            }
-            first_connect = false;
-            tokio::select! {
-                _ = shutdown.cancelled() => {}
-                _ = generation.cancelled() => {}
-            }
-            generation.cancel();
-            let mut consumers = Vec::new();
-            while let Some(r) = loops.join_next().await {
-                if let Ok(part) = r {
-                    consumers.push(part);
-                }
-            }
-            if shutdown.is_cancelled() {
-                for part in &consumers {
-                    part.consumer.cancel().await;
-                }
-                self.drain(&tracker).await;
-                for part in consumers {
-                    self.step.events.partition(part.index, false);
-                    part.consumer.close().await;
-                }
-                break;
-            }
-            // Channel or connection lost: the messages its consumers delivered
-            // are the broker's again (their deliveries finish and record what
-            // they can; a copy that comes back waits for them). Consume anew.
-            for part in consumers {
-                self.step.events.partition(part.index, false);
-                part.consumer.close().await;
+        // One subscription loop per partition: a consumer that ends (its
+        // channel closed, its queue deleted) is replaced on its own, and the
+        // others keep their partitions.
+        let mut loops = tokio::task::JoinSet::new();
+        for (i, stagger) in self.subscription_order() {
+            let ctx = Subscription {
+                index: i,
+                stagger,
+                out: out.clone(),
+                done_log: done_log.clone(),
+                tracker: tracker.clone(),
+            };
+            loops.spawn(self.clone().subscribe(ctx));
+        }
+        let mut consumers = Vec::new();
+        while let Some(r) = loops.join_next().await {
+            if let Ok(Some(part)) = r {
+                consumers.push(part);
             }
         }
-        self.drain(&tracker).await;
+        self.stop_consuming(consumers, &tracker, topo.partitions > 1)
+            .await;
         background.abort();
         let _ = background.await;
         Ok(())
     }
 
-    /// This worker's partitions, in the order to subscribe, each with the wait
-    /// before it. With partitions, on the first connection, a worker
-    /// subscribes sooner to the partitions it scores higher (rendezvous
-    /// hashing on its holder id): RabbitMQ 3.10 makes the first consumer
-    /// registered the active one, so workers that start together spread the
-    /// partitions between them.
-    fn subscription_order(&self, first_connect: bool) -> Vec<(u32, Duration)> {
+    /// Partition `ctx.index`'s consumer, for as long as the worker runs:
+    /// subscribe when the broker is ready, consume until the consumer ends,
+    /// then subscribe anew; returns the live consumer when the worker stops
+    /// (for [`Worker::stop_consuming`]). A consumer that cannot start or ends
+    /// soon after starting (its queue was deleted, say) makes the broker
+    /// declare the topology again and this loop wait, doubling from
+    /// [`RESUBSCRIBE_MIN`] to [`RESUBSCRIBE_MAX`]: never a hot loop.
+    async fn subscribe(self: Arc<Self>, ctx: Subscription) -> Option<Partition> {
+        let shutdown = self.step.shutdown.clone();
+        let queue = self.broker.topology().work(ctx.index);
+        let mut wait = ctx.stagger;
+        let mut backoff = RESUBSCRIBE_MIN;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return None,
+                _ = tokio::time::sleep(wait) => {}
+            }
+            if !self.broker.wait_ready(&shutdown).await {
+                return None;
+            }
+            let consumer = match self
+                .broker
+                .consume_prioritised(&queue, self.prefetch, self.priority(ctx.index))
+                .await
+            {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(%queue, error = %e, retry_in = ?backoff, "cannot start consuming; declaring the topology again");
+                    self.broker.repair_topology();
+                    wait = jittered(backoff);
+                    backoff = (backoff * 2).min(RESUBSCRIBE_MAX);
+                    continue;
+                }
+            };
+            tracing::info!(%queue, prefetch = self.prefetch, concurrency = self.concurrency, "consuming");
+            let started = std::time::Instant::now();
+            let part = Partition {
+                index: ctx.index,
+                consumer,
+                activation: Arc::new(Activation::new(ctx.index)),
+            };
+            let part = self.clone().consume(part, &ctx).await;
+            if shutdown.is_cancelled() {
+                return Some(part);
+            }
+            // The consumer ended (channel or connection lost, or the broker
+            // cancelled it): the messages it delivered are the broker's again
+            // (their deliveries finish and record what they can; a copy that
+            // comes back waits for them). Subscribe anew.
+            self.step.events.partition(part.index, false);
+            part.consumer.close().await;
+            if started.elapsed() < RESUBSCRIBE_MAX {
+                self.broker.repair_topology();
+                wait = jittered(backoff);
+                backoff = (backoff * 2).min(RESUBSCRIBE_MAX);
+            } else {
+                wait = Duration::ZERO;
+                backoff = RESUBSCRIBE_MIN;
+            }
+        }
+    }
+
+    /// This worker's partitions, each with the wait before its first
+    /// subscription. With partitions, a worker subscribes sooner to the
+    /// partitions it scores higher (rendezvous hashing on its holder id):
+    /// RabbitMQ 3.10 makes the first consumer registered the active one, so
+    /// workers that start together spread the partitions between them.
+    fn subscription_order(&self) -> Vec<(u32, Duration)> {
         let mut order: Vec<(u32, u32)> = self
             .partitions
             .iter()
@@ -257,7 +352,7 @@ impl Worker {
         order
             .into_iter()
             .map(|(i, score)| {
-                let wait = if first_connect && self.partitions.len() > 1 {
+                let wait = if self.partitions.len() > 1 {
                     let behind = f64::from(u32::MAX - score) / f64::from(u32::MAX);
                     STAGGER.mul_f64(behind)
                 } else {
@@ -290,30 +385,25 @@ impl Worker {
     /// wake of another runtime thread it brings, cost about 3 us of CPU a
     /// message in `hookq bench`. When the loop ends, what is still in flight
     /// finishes in a task of the tracker, which the graceful stop waits for.
-    async fn consume(
-        self: Arc<Self>,
-        mut part: Partition,
-        out: Arc<Out>,
-        done_log: Option<Arc<DoneLog>>,
-        generation: CancellationToken,
-        tracker: TaskTracker,
-    ) -> Partition {
+    async fn consume(self: Arc<Self>, mut part: Partition, ctx: &Subscription) -> Partition {
         let shutdown = self.step.shutdown.clone();
         let mut running = FuturesUnordered::new();
         loop {
             let msg = tokio::select! {
                 _ = shutdown.cancelled() => break,
-                _ = generation.cancelled() => break,
-                Some(()) = running.next(), if !running.is_empty() => continue,
+                Some(()) = running.next(), if !running.is_empty() => {
+                    if running.is_empty() {
+                        part.activation.idle();
+                    }
+                    continue;
+                }
                 m = part.consumer.next() => m,
             };
             let Some(msg) = msg else {
-                generation.cancel();
                 break;
             };
-            let (step, out) = (self.step.clone(), out.clone());
-            let (caught_up, done_log, index) =
-                (part.caught_up.clone(), done_log.clone(), part.index);
+            let (step, out) = (self.step.clone(), ctx.out.clone());
+            let (activation, done_log) = (part.activation.clone(), ctx.done_log.clone());
             let one = async move {
                 step.events.metrics().in_flight.inc();
                 let span = match &msg.envelope {
@@ -321,7 +411,7 @@ impl Worker {
                 };
                 async {
                     let ready = match &done_log {
-                        Some(log) => catch_up_once(&step, log, index, &caught_up).await,
+                        Some(log) => activation.ready(&step, log).await,
                         None => true,
                     };
                     let msg = message(msg);
@@ -345,9 +435,42 @@ impl Worker {
             });
         }
         if !running.is_empty() {
-            tracker.spawn(async move { while running.next().await.is_some() {} });
+            ctx.tracker
+                .spawn(async move { while running.next().await.is_some() {} });
         }
         part
+    }
+
+    /// The graceful stop of this connection's consumers. On a shared work
+    /// queue they are cancelled first, so other workers take the queue's
+    /// messages while this one finishes its own. A partition's consumer is
+    /// cancelled only after every message this worker took from it is settled
+    /// (delivered and in the done-log, or handed back): RabbitMQ makes a
+    /// standby the active consumer the moment the cancel arrives, and the
+    /// standby must find in the done-log everything this worker delivered, so
+    /// no key is delivered on two hosts, at once or one after the other.
+    /// Either way, what the broker sent and nobody took goes back by nack.
+    async fn stop_consuming(
+        &self,
+        mut consumers: Vec<Partition>,
+        tracker: &TaskTracker,
+        partitioned: bool,
+    ) {
+        if partitioned {
+            self.drain(tracker).await;
+            for part in &mut consumers {
+                part.consumer.cancel_and_hand_back().await;
+            }
+        } else {
+            for part in &mut consumers {
+                part.consumer.cancel_and_hand_back().await;
+            }
+            self.drain(tracker).await;
+        }
+        for part in consumers {
+            self.step.events.partition(part.index, false);
+            part.consumer.close().await;
+        }
     }
 
     async fn drain(&self, tracker: &TaskTracker) {

@@ -135,6 +135,14 @@ impl Step {
                 Some(Check::Deliver(held)) => break held,
                 Some(Check::Done(tier)) => {
                     tracing::debug!(tier = tier.as_str(), "duplicate of a delivered key");
+                    // With partitions, the key may be done here and not in its
+                    // done-log (the append failed, the message came back): every
+                    // ack of a done key follows its append, so a host that takes
+                    // the partition over knows it. Without partitions, a no-op.
+                    if let Err(e) = out.done(env).await {
+                        tracing::warn!(error = %e, "could not append the key to its done-log; handing the message back");
+                        return self.hand_back(msg).await;
+                    }
                     return ack(msg, Outcome::Duplicate { tier }).await;
                 }
                 Some(Check::InFlight { holder }) => {

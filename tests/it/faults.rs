@@ -268,9 +268,11 @@ async fn unknown_sources_share_one_metric_label_in_the_worker_too() {
     }
 }
 
-/// A delay tier that is gone refuses every republish. On a classic queue no
-/// broker delivery limit ends that loop: hookq counts the refusals on the claim
-/// and dead-letters the message as `delivery_limit` after `amqp.delivery_limit`.
+/// A delay tier that refuses every republish (here a queue in its place that
+/// takes nothing, which declaring the topology again cannot replace; a tier
+/// that is merely gone is declared again). On a classic queue no broker
+/// delivery limit ends that loop: hookq counts the refusals on the claim and
+/// dead-letters the message as `delivery_limit` after `amqp.delivery_limit`.
 async fn a_republish_that_keeps_failing_ends_in_the_dead_queue(q: hookq::config::QueueType) {
     let target = FakeTarget::start(|_, _| StatusCode::BAD_GATEWAY.into_response()).await;
     let mut env = TestEnv::new("refusals")
@@ -283,7 +285,26 @@ async fn a_republish_that_keeps_failing_ends_in_the_dead_queue(q: hookq::config:
     let up = env.up().await;
     env.broker().await; // declares the topology now, not after the delete
     let topo = env.topology();
-    env.delete_queue(&topo.delay(topo.tiers[0])).await;
+    let tier = topo.delay(topo.tiers[0]);
+    env.delete_queue(&tier).await;
+    let (conn, ch) = env.raw_channel().await;
+    let mut args = lapin::types::FieldTable::default();
+    args.insert("x-max-length".into(), lapin::types::AMQPValue::LongInt(0));
+    args.insert(
+        "x-overflow".into(),
+        lapin::types::AMQPValue::LongString("reject-publish".into()),
+    );
+    ch.queue_declare(
+        tier.as_str().into(),
+        lapin::options::QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        args,
+    )
+    .await
+    .unwrap();
+    let _ = conn.close(200, "bye".into()).await;
     let key = Client::new(up.ingress_addr.unwrap())
         .send("s", "loop", "{}")
         .await;

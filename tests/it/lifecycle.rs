@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use tokio::process::Child;
 
 use crate::support::{Client, FakeTarget, Process, TestEnv, wait_until};
 
@@ -15,15 +14,6 @@ const T: Duration = Duration::from_secs(30);
 
 async fn spawn_up(env: &TestEnv) -> Process {
     env.spawn(&["up"], "ingress listening", |_| {}).await
-}
-
-fn sigterm(child: &Child) {
-    let pid = child.id().expect("running").to_string();
-    let ok = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap();
-    assert!(ok.success());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -70,7 +60,7 @@ async fn sigterm_under_load_loses_nothing_and_doubles_nothing() {
         })
     };
     wait_until(T, "deliveries under way", || async { target.count() >= 50 }).await;
-    sigterm(&up.child);
+    up.sigterm();
     let status = tokio::time::timeout(T, up.child.wait())
         .await
         .expect("exits within the grace period")

@@ -7,6 +7,7 @@ mod support;
 
 mod admin;
 mod dedup;
+mod deploys;
 mod faults;
 mod hostile;
 mod lifecycle;

@@ -15,27 +15,8 @@ use crate::support::{Client, FakeTarget, Process, TestEnv, sample, wait_until};
 
 const T: Duration = Duration::from_secs(60);
 
-/// A worker process with a store of its own, as on its own host.
-async fn host(env: &TestEnv, name: &str) -> Process {
-    let store = env.dir().join(format!("{name}.db"));
-    env.spawn(&["worker"], "worker metrics listening", |s| {
-        s.dedup.path = store;
-    })
-    .await
-}
-
 /// Delivered and duplicate settlements that `hosts` report on their /metrics.
-/// A host's /metrics text.
-async fn metrics_of(h: &Process) -> String {
-    reqwest::get(format!("http://{}/metrics", h.addr))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-}
-
-async fn settled(hosts: &[&Process]) -> (f64, f64) {
+pub async fn settled(hosts: &[&Process]) -> (f64, f64) {
     let (mut delivered, mut duplicate) = (0.0, 0.0);
     for h in hosts {
         let Ok(r) = reqwest::get(format!("http://{}/metrics", h.addr)).await else {
@@ -107,9 +88,9 @@ async fn three_hosts_two_ingresses_each_key_delivered_once() {
     env.broker().await;
     let (_a, _b, clients) = ingresses(&env).await;
     let hosts = [
-        host(&env, "h1").await,
-        host(&env, "h2").await,
-        host(&env, "h3").await,
+        env.host("h1").await,
+        env.host("h2").await,
+        env.host("h3").await,
     ];
     send(&clients, 1200, 3, "k").await;
     let all: Vec<&Process> = hosts.iter().collect();
@@ -127,7 +108,7 @@ async fn three_hosts_two_ingresses_each_key_delivered_once() {
     assert_eq!(target.count(), 1200, "no copy reached the target");
     // The partitions are spread: every host delivered some.
     for (i, h) in all.iter().enumerate() {
-        let m = metrics_of(h).await;
+        let m = h.metrics().await;
         let active = (0..8)
             .filter(|p| {
                 sample(
@@ -150,9 +131,9 @@ async fn a_killed_host_loses_nothing_and_its_done_log_keeps_what_it_delivered() 
     env.broker().await;
     let (_a, _b, clients) = ingresses(&env).await;
     let mut hosts = vec![
-        host(&env, "h1").await,
-        host(&env, "h2").await,
-        host(&env, "h3").await,
+        env.host("h1").await,
+        env.host("h2").await,
+        env.host("h3").await,
     ];
     let sending = {
         let clients = clients.clone();
@@ -166,7 +147,7 @@ async fn a_killed_host_loses_nothing_and_its_done_log_keeps_what_it_delivered() 
     let mut victim = {
         let mut at = None;
         for (i, h) in hosts.iter().enumerate() {
-            let m = metrics_of(h).await;
+            let m = h.metrics().await;
             let delivered = sample(
                 &m,
                 r#"hookq_worker_deliveries_total{source="_other",outcome="delivered"}"#,

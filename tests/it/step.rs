@@ -52,12 +52,15 @@ impl Settle for FakeSettle {
     }
 }
 
-/// Records republishes; refuses them while `refuse` is set.
+/// Records republishes; refuses them while `refuse` is set. Done-log
+/// appends: the first `fail_appends` fail; `appended` lists the others.
 #[derive(Default)]
 struct FakeOut {
     refuse: std::sync::atomic::AtomicBool,
     delayed: Mutex<Vec<(DelayTier, Envelope)>>,
     dead: Mutex<Vec<Envelope>>,
+    fail_appends: std::sync::atomic::AtomicU32,
+    appended: Mutex<Vec<String>>,
 }
 
 impl Republish for FakeOut {
@@ -77,7 +80,16 @@ impl Republish for FakeOut {
         self.dead.lock().unwrap().push(env.clone());
         Ok(())
     }
-    async fn done(&self, _env: &Envelope) -> Result<(), broker::Error> {
+    async fn done(&self, env: &Envelope) -> Result<(), broker::Error> {
+        use std::sync::atomic::Ordering;
+        let failing = self
+            .fail_appends
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if failing {
+            return Err(broker::Error::Unavailable);
+        }
+        self.appended.lock().unwrap().push(env.key.0.clone());
         Ok(())
     }
 }
@@ -176,6 +188,37 @@ async fn a_2xx_is_recorded_and_acked_and_a_copy_is_a_duplicate() {
         assert!(ledger.lock().unwrap().acked);
     }
     assert_eq!(target.count(), 1);
+}
+
+/// With partitions, a 2xx whose done-log append failed goes back (recorded
+/// in the store); its redelivery, a duplicate here, is appended before it is
+/// acked: a host that takes the partition over must know the key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_done_key_is_in_the_done_log_before_any_ack() {
+    let target = FakeTarget::ok().await;
+    let r = rig(&target, 3, 2);
+    r.out
+        .fail_appends
+        .store(1, std::sync::atomic::Ordering::SeqCst);
+    let env = webhook("append");
+    let (outcome, ledger) = run(&r, &env).await;
+    assert_eq!(outcome, Outcome::HandedBack);
+    assert!(ledger.lock().unwrap().requeued);
+    assert!(r.out.appended.lock().unwrap().is_empty());
+    // The broker hands it out again: a duplicate of a delivered key, appended
+    // this time, then acked.
+    let (outcome, ledger) = run(&r, &env).await;
+    assert_eq!(outcome, Outcome::Duplicate { tier: Tier::Lru });
+    assert!(ledger.lock().unwrap().acked);
+    assert_eq!(*r.out.appended.lock().unwrap(), ["s:append"]);
+    assert_eq!(target.count(), 1);
+    // An append that keeps failing keeps the message from being acked.
+    r.out
+        .fail_appends
+        .store(1, std::sync::atomic::Ordering::SeqCst);
+    let (outcome, ledger) = run(&r, &env).await;
+    assert_eq!(outcome, Outcome::HandedBack);
+    assert!(!ledger.lock().unwrap().acked);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

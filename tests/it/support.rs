@@ -68,6 +68,24 @@ pub fn rabbitmqctl() -> std::process::Command {
     cmd
 }
 
+/// The broker's major version, from its management API (4 for 4.x).
+pub async fn broker_major() -> u32 {
+    let v: serde_json::Value = reqwest::Client::new()
+        .get(format!("{}/overview", management_api()))
+        .basic_auth("guest", Some("guest"))
+        .send()
+        .await
+        .expect("the management API")
+        .json()
+        .await
+        .expect("its overview");
+    v["rabbitmq_version"]
+        .as_str()
+        .and_then(|s| s.split('.').next())
+        .and_then(|m| m.parse().ok())
+        .expect("a version")
+}
+
 /// Polls `cond` every 20 ms until it holds or `within` passes (for state
 /// outside hookq: a fake target's log, a queue's length, a file).
 pub async fn wait_until<F, Fut>(within: Duration, what: &str, mut cond: F)
@@ -379,6 +397,43 @@ impl TestEnv {
             .expect("the listening log line")
             .expect("the process's log");
         Process { child, addr, logs }
+    }
+}
+
+impl Process {
+    /// Its /metrics text (empty when it does not answer).
+    pub async fn metrics(&self) -> String {
+        match reqwest::get(format!("http://{}/metrics", self.addr)).await {
+            Ok(r) => r.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        }
+    }
+
+    /// SIGTERM: the graceful stop.
+    pub fn sigterm(&self) {
+        sigterm(&self.child);
+    }
+}
+
+/// Sends SIGTERM to a child process.
+pub fn sigterm(child: &tokio::process::Child) {
+    let pid = child.id().expect("running").to_string();
+    let ok = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+}
+
+impl TestEnv {
+    /// A `hookq worker` process with a store of its own (`NAME.db`), as on
+    /// a host of its own.
+    pub async fn host(&self, name: &str) -> Process {
+        let store = self.dir().join(format!("{name}.db"));
+        self.spawn(&["worker"], "worker metrics listening", |s| {
+            s.dedup.path = store;
+        })
+        .await
     }
 }
 

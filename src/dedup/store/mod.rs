@@ -90,20 +90,32 @@ enum Op {
         keys: Vec<String>,
         at_ms: i64,
     },
-    /// How far this host has applied a done-log.
-    Applied {
+    /// How far this host has read a done-log.
+    Position {
         log: String,
     },
-    SetApplied {
+    SetPosition {
         log: String,
-        next: i64,
+        position: ReadPosition,
     },
+}
+
+/// How far a host has read a done-log: the offset of the last record it
+/// applied, and that record's fingerprint. The offset alone does not say
+/// which stream it is in: a done-log recreated (a broker reset, a new
+/// cluster) starts again at 0, and a reader attached past its end would wait
+/// for ever. A reader checks the record at the offset against the fingerprint
+/// and reads from the stream's start when they differ.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReadPosition {
+    pub offset: u64,
+    pub fingerprint: String,
 }
 
 enum Answer {
     Claim(Claim),
     Count(usize),
-    Offset(Option<u64>),
+    Position(Option<ReadPosition>),
     Unit,
 }
 
@@ -391,23 +403,26 @@ impl Store {
             .map(|_| ())
     }
 
-    /// The offset of the first record of done-log `log` this host has not
-    /// applied yet (`None`: none applied).
-    pub async fn applied(&self, log: &str) -> Result<Option<u64>, Error> {
-        match self.call(Op::Applied { log: log.into() }, now_ms()).await? {
-            Answer::Offset(o) => Ok(o),
+    /// How far this host has read done-log `log` (`None`: not at all, or
+    /// only by a version that kept no fingerprint).
+    pub async fn read_position(&self, log: &str) -> Result<Option<ReadPosition>, Error> {
+        match self
+            .call(Op::Position { log: log.into() }, now_ms())
+            .await?
+        {
+            Answer::Position(p) => Ok(p),
             _ => Ok(None),
         }
     }
 
-    /// Notes that done-log `log` is applied up to (not including) `next`;
-    /// never moves back (another worker on the host may be further).
-    pub async fn set_applied(&self, log: &str, next: u64) -> Result<(), Error> {
-        let next = i64::try_from(next).unwrap_or(i64::MAX);
+    /// Notes how far done-log `log` is read. It replaces what was there: the
+    /// active consumer of a partition is the only one reading its done-log,
+    /// and a recreated done-log's position is lower than the old one's.
+    pub async fn set_read_position(&self, log: &str, position: ReadPosition) -> Result<(), Error> {
         self.call(
-            Op::SetApplied {
+            Op::SetPosition {
                 log: log.into(),
-                next,
+                position,
             },
             now_ms(),
         )

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension, params};
 
-use super::{Answer, Claim, Lease, Op, PRUNE_BATCH, Request, ms};
+use super::{Answer, Claim, Lease, Op, PRUNE_BATCH, ReadPosition, Request, ms};
 
 pub(super) fn open(path: &Path) -> rusqlite::Result<Connection> {
     if let Some(dir) = path.parent()
@@ -35,11 +35,17 @@ pub(super) fn open(path: &Path) -> rusqlite::Result<Connection> {
              holder         TEXT PRIMARY KEY,
              lease_until_ms INTEGER NOT NULL
          ) WITHOUT ROWID;
-         -- How far this host applied each partition's done-log (a stream).
-         CREATE TABLE IF NOT EXISTS done_logs (
-             log  TEXT PRIMARY KEY,
-             next INTEGER NOT NULL
-         ) WITHOUT ROWID;",
+         -- How far this host read each partition's done-log (a stream): the
+         -- offset of the last record applied and its fingerprint, which tells
+         -- a recreated stream from the one read before.
+         CREATE TABLE IF NOT EXISTS done_log_reads (
+             log         TEXT PRIMARY KEY,
+             last_offset INTEGER NOT NULL,
+             fingerprint TEXT NOT NULL
+         ) WITHOUT ROWID;
+         -- Read positions of earlier versions, offsets without a fingerprint:
+         -- dropped (the next catch-up reads each done-log from its start).
+         DROP TABLE IF EXISTS done_logs;",
     )?;
     // Columns added after the first release; a file written by it gains them here.
     let columns: Vec<String> = c
@@ -208,19 +214,31 @@ fn run_op(c: &Connection, holder: &str, op: &Op, now: i64) -> rusqlite::Result<A
             }
             Answer::Unit
         }
-        Op::Applied { log } => {
-            let next: Option<i64> = c
-                .prepare_cached("SELECT next FROM done_logs WHERE log = ?1")?
-                .query_row(params![log], |r| r.get(0))
+        Op::Position { log } => {
+            let row: Option<(i64, String)> = c
+                .prepare_cached(
+                    "SELECT last_offset, fingerprint FROM done_log_reads WHERE log = ?1",
+                )?
+                .query_row(params![log], |r| Ok((r.get(0)?, r.get(1)?)))
                 .optional()?;
-            Answer::Offset(next.and_then(|n| u64::try_from(n).ok()))
+            Answer::Position(row.and_then(|(o, fingerprint)| {
+                Some(ReadPosition {
+                    offset: u64::try_from(o).ok()?,
+                    fingerprint,
+                })
+            }))
         }
-        Op::SetApplied { log, next } => {
+        Op::SetPosition { log, position } => {
             c.prepare_cached(
-                "INSERT INTO done_logs(log, next) VALUES (?1, ?2)
-                 ON CONFLICT(log) DO UPDATE SET next = MAX(done_logs.next, excluded.next)",
+                "INSERT INTO done_log_reads(log, last_offset, fingerprint) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(log) DO UPDATE SET last_offset = excluded.last_offset,
+                                                fingerprint = excluded.fingerprint",
             )?
-            .execute(params![log, next])?;
+            .execute(params![
+                log,
+                i64::try_from(position.offset).unwrap_or(i64::MAX),
+                position.fingerprint
+            ])?;
             Answer::Unit
         }
     })
