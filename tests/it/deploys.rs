@@ -145,6 +145,8 @@ async fn a_rolling_deploy_delivers_each_key_once() {
         .await;
         let i = busy.lock().unwrap().unwrap();
         let mut stopping = hosts[i].take().unwrap();
+        let held = in_flight(&stopping).await;
+        let term = Instant::now();
         stopping.sigterm();
         // Copies of every key of the round arrive while it stops.
         send(&client, &keys).await;
@@ -153,6 +155,11 @@ async fn a_rolling_deploy_delivers_each_key_once() {
             .expect("the worker stopped")
             .unwrap();
         assert!(status.success(), "a graceful stop exits 0: {status}");
+        eprintln!(
+            "rolling: round {round}: {} stopped with {held} deliveries in flight, exited after {:.1} s",
+            names[i],
+            term.elapsed().as_secs_f64()
+        );
         hosts[i] = Some(env.host(names[i]).await);
         wait_until(T, "the round's keys delivered", || async {
             keys.iter()

@@ -6,6 +6,7 @@
 mod support;
 
 mod admin;
+mod brokers;
 mod dedup;
 mod deploys;
 mod faults;
@@ -17,4 +18,5 @@ mod partitions;
 mod pipeline;
 mod security;
 mod shovel;
+mod soak;
 mod step;

@@ -260,15 +260,50 @@ pub async fn declare(connection: &Connection, topo: &Topology) -> Result<Vec<Dec
         }
     }
     for (name, args, kind) in queues {
-        channel
+        let declared = channel
             .queue_declare(name.as_str().into(), durable_q, args.clone())
             .await
-            .map_err(|e| refused(&format!("queue {name}"), Some(&name), e))?;
-        out.push(Declared {
-            name,
-            kind,
-            arguments: show(&args),
-        });
+            .map_err(|e| refused(&format!("queue {name}"), Some(&name), e));
+        match declared {
+            Ok(_) => out.push(Declared {
+                name,
+                kind,
+                arguments: show(&args),
+            }),
+            // A done-log declared under another dedup.retention_ms (which the
+            // retry settings can grow): refusing to start over it would stop
+            // the partition. Keep it, and say what that means.
+            Err(Error::Inequivalent {
+                argument, detail, ..
+            }) if kind == "stream" && argument == "x-max-age" => {
+                tracing::warn!(
+                    stream = %name,
+                    "{name} keeps its records for the x-max-age it was declared with ({detail}), \
+                     not dedup.retention_ms: if that is shorter, a host taking the partition \
+                     over may deliver again a key older than it. To change it, drain the system \
+                     and delete the done-logs (the hosts' stores keep what they delivered); \
+                     hookq declares them anew"
+                );
+                channel = open(connection).await?;
+                channel
+                    .queue_declare(
+                        name.as_str().into(),
+                        QueueDeclareOptions {
+                            passive: true,
+                            ..durable_q
+                        },
+                        FieldTable::default(),
+                    )
+                    .await
+                    .map_err(|e| refused(&format!("queue {name}"), Some(&name), e))?;
+                out.push(Declared {
+                    name,
+                    kind,
+                    arguments: "existing, with another x-max-age (see the warning)".into(),
+                });
+            }
+            Err(e) => return Err(e),
+        }
     }
     let dead = topo.dead();
     let args = topo.dead_args();
