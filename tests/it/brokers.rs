@@ -122,7 +122,7 @@ async fn a_done_log_declared_under_another_retention_is_kept() {
     let mut env = TestEnv::new("maxage").with_target(&target.url);
     env.settings.amqp.partitions = 2;
     env.broker().await;
-    env.settings.dedup.retention = env.settings.dedup.retention * 2;
+    env.settings.dedup.retention *= 2;
     let up = env.start(Parts::Up).await;
     assert!(
         up.ready(T).await,
