@@ -73,7 +73,7 @@ async fn steady_load_through_rolling_restarts_and_kills() {
             let mut refused = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 k += 1;
-                let id = if k % 10 == 0 {
+                let id = if k.is_multiple_of(10) {
                     format!("k{}", k - 7)
                 } else {
                     format!("k{k}")
