@@ -65,7 +65,7 @@ fn valid(c: &Custom) -> RetrySettings {
     }
     RetrySettings {
         max_attempts,
-        inline_attempts,
+        inline_attempts_set: Some(inline_attempts),
         inline_delay: Duration::from_millis(c.inline_delay_ms % (MAX_MS + 1)),
         delays,
         jitter: unit(c.jitter_bits),
@@ -87,7 +87,7 @@ fn check_decision(p: &Policy, failed: u32, retry_after: Option<Duration>) {
             );
         }
         Decision::Inline(wait) => {
-            assert!(failed < s.inline_attempts, "inline after {failed}");
+            assert!(failed < s.inline_attempts(), "inline after {failed}");
             assert!(failed < s.max_attempts);
             if let Some(ra) = clamped {
                 assert!(wait >= ra, "inline {wait:?} under Retry-After {ra:?}");

@@ -1,0 +1,485 @@
+//! The SQL of the store: the schema (and its in-place upgrade), one function
+//! per request, and one batch in one transaction, whose answers are held until
+//! it ends. Runs on the store thread only.
+
+use std::path::Path;
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+use super::{Claim, Error, Lease, Op, PRUNE_BATCH, ReadPosition, Request, Responder, ms};
+
+pub(super) fn open(path: &Path) -> rusqlite::Result<Connection> {
+    if let Some(dir) = path.parent()
+        && !dir.as_os_str().is_empty()
+    {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    let c = Connection::open(path)?;
+    c.busy_timeout(Duration::from_secs(5))?;
+    c.pragma_update(None, "journal_mode", "WAL")?;
+    // With WAL, NORMAL fsyncs at checkpoints, not at every commit: a process crash
+    // loses nothing; a power cut may lose the last commits (a key delivered again,
+    // with the same Idempotency-Key). FULL would fsync each batch.
+    c.pragma_update(None, "synchronous", "NORMAL")?;
+    c.execute_batch(
+        "BEGIN IMMEDIATE;
+         CREATE TABLE IF NOT EXISTS keys (
+             key        TEXT PRIMARY KEY,
+             state      INTEGER NOT NULL, -- 0 claimed, 1 done, 2 released (dead-lettered)
+             message_id TEXT NOT NULL,    -- the message that holds the claim
+             updated_ms INTEGER NOT NULL
+         ) WITHOUT ROWID;
+         CREATE INDEX IF NOT EXISTS keys_updated ON keys(updated_ms);
+         CREATE TABLE IF NOT EXISTS holders (
+             holder         TEXT PRIMARY KEY,
+             lease_until_ms INTEGER NOT NULL
+         ) WITHOUT ROWID;
+         -- How far this host read each partition's done-log (a stream): the
+         -- offset of the last record applied and its fingerprint, which tells
+         -- a recreated stream from the one read before.
+         CREATE TABLE IF NOT EXISTS done_log_reads (
+             log         TEXT PRIMARY KEY,
+             last_offset INTEGER NOT NULL,
+             fingerprint TEXT NOT NULL
+         ) WITHOUT ROWID;
+         -- Read positions of earlier versions, offsets without a fingerprint:
+         -- dropped (the next catch-up reads each done-log from its start).
+         DROP TABLE IF EXISTS done_logs;",
+    )?;
+    // Columns added after the first release; a file written by it gains them here.
+    let columns: Vec<String> = c
+        .prepare("SELECT name FROM pragma_table_info('keys')")?
+        .query_map([], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    for (name, ddl) in [
+        // The process working on the claim; NULL when parked (no one is).
+        ("holder", "ALTER TABLE keys ADD COLUMN holder TEXT"),
+        // Failed deliveries recorded by a holder that could not settle the message.
+        (
+            "attempts",
+            "ALTER TABLE keys ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0",
+        ),
+        // Times the broker refused this message's republish (it went back to the queue).
+        (
+            "handbacks",
+            "ALTER TABLE keys ADD COLUMN handbacks INTEGER NOT NULL DEFAULT 0",
+        ),
+    ] {
+        if !columns.iter().any(|c| c == name) {
+            c.execute_batch(ddl)?;
+        }
+    }
+    c.execute_batch("COMMIT")?;
+    Ok(c)
+}
+
+/// SQL: the claim is worked on by a live holder, one whose lease has not run
+/// out at the time in parameter `now` (e.g. `"?4"`).
+fn live(now: &str) -> String {
+    format!(
+        "keys.holder IS NOT NULL AND EXISTS (SELECT 1 FROM holders h
+         WHERE h.holder = keys.holder AND h.lease_until_ms >= {now})"
+    )
+}
+
+/// Takes the key: insert, or take it over when it was released, or when it is
+/// this message's and no live holder works on it. ?1 key, ?2 message, ?3 holder, ?4 now.
+static CLAIM: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "INSERT INTO keys(key, state, message_id, holder, attempts, handbacks, updated_ms)
+         VALUES (?1, 0, ?2, ?3, 0, 0, ?4)
+         ON CONFLICT(key) DO UPDATE SET
+            state = 0, message_id = excluded.message_id, holder = excluded.holder,
+            updated_ms = excluded.updated_ms,
+            attempts = CASE WHEN keys.state = 2 THEN 0 ELSE keys.attempts END,
+            handbacks = CASE WHEN keys.state = 2 THEN 0 ELSE keys.handbacks END
+         WHERE keys.state = 2
+            OR (keys.state = 0 AND keys.message_id = excluded.message_id AND NOT ({}))
+         RETURNING attempts, handbacks",
+        live("?4")
+    )
+});
+
+/// Why a claim was not won. ?1 key, ?2 now.
+static HELD: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "SELECT state, message_id, updated_ms, ({}) FROM keys WHERE key = ?1",
+        live("?2")
+    )
+});
+
+/// Old keys, never one a live holder works on (a slow delivery). ?1 cutoff,
+/// ?2 batch size, ?3 now.
+static PRUNE: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "DELETE FROM keys WHERE key IN
+           (SELECT key FROM keys WHERE updated_ms < ?1 AND NOT (state = 0 AND {}) LIMIT ?2)",
+        live("?3")
+    )
+});
+
+/// A request's view of the open transaction: the connection, this process's
+/// holder id (claims record it), and the time the request was made.
+struct Txn<'a> {
+    c: &'a Connection,
+    holder: &'a str,
+    now: i64,
+}
+
+impl Txn<'_> {
+    /// Takes the key if it can; when it cannot, says why.
+    fn claim(&self, key: &str, message_id: &str) -> rusqlite::Result<Claim> {
+        let won: Option<(i64, i64)> = self
+            .c
+            .prepare_cached(&CLAIM)?
+            .query_row(params![key, message_id, self.holder, self.now], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .optional()?;
+        if let Some((attempts, handbacks)) = won {
+            return Ok(Claim::Claimed {
+                attempts: u32::try_from(attempts).unwrap_or(u32::MAX),
+                handbacks: u32::try_from(handbacks).unwrap_or(u32::MAX),
+            });
+        }
+        let (state, holder_msg, at, live): (i64, String, i64, bool) = self
+            .c
+            .prepare_cached(&HELD)?
+            .query_row(params![key, self.now], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+            })?;
+        Ok(if state == 1 {
+            Claim::Done {
+                at_ms: u64::try_from(at).unwrap_or(0),
+            }
+        } else if holder_msg == message_id && live {
+            Claim::Busy
+        } else {
+            Claim::HeldBy(holder_msg)
+        })
+    }
+
+    fn done(&self, key: &str) -> rusqlite::Result<()> {
+        // Unconditional: a 2xx happened, whoever holds the claim now.
+        self.c
+            .prepare_cached(
+                "INSERT INTO keys(key, state, message_id, holder, updated_ms) VALUES (?1, 1, '', NULL, ?2)
+                 ON CONFLICT(key) DO UPDATE SET state = 1, holder = NULL, updated_ms = excluded.updated_ms",
+            )?
+            .execute(params![key, self.now])?;
+        Ok(())
+    }
+
+    fn release(&self, key: &str, message_id: &str) -> rusqlite::Result<()> {
+        // Only this holder's claim (or a parked one of this message): a
+        // holder whose lease ran out and was taken over changes nothing.
+        self.c
+            .prepare_cached(
+                "UPDATE keys SET state = 2, holder = NULL, updated_ms = ?4
+                 WHERE key = ?1 AND message_id = ?2 AND state = 0 AND (holder = ?3 OR holder IS NULL)",
+            )?
+            .execute(params![key, message_id, self.holder, self.now])?;
+        Ok(())
+    }
+
+    fn park(
+        &self,
+        key: &str,
+        message_id: &str,
+        attempts: u32,
+        handback: bool,
+    ) -> rusqlite::Result<()> {
+        self.c
+            .prepare_cached(
+                "UPDATE keys SET holder = NULL, updated_ms = ?4,
+                    attempts = MAX(attempts, ?5), handbacks = handbacks + ?6
+                 WHERE key = ?1 AND message_id = ?2 AND state = 0 AND holder = ?3",
+            )?
+            .execute(params![
+                key,
+                message_id,
+                self.holder,
+                self.now,
+                attempts,
+                i64::from(handback)
+            ])?;
+        Ok(())
+    }
+
+    fn prune(&self, older_than_ms: i64) -> rusqlite::Result<usize> {
+        let n = self.c.prepare_cached(&PRUNE)?.execute(params![
+            older_than_ms,
+            PRUNE_BATCH as i64,
+            self.now
+        ])?;
+        self.c
+            .prepare_cached("DELETE FROM holders WHERE lease_until_ms < ?1")?
+            .execute(params![older_than_ms])?;
+        Ok(n)
+    }
+
+    fn probe(&self) -> rusqlite::Result<()> {
+        // A write that changes nothing proves the file is writable now.
+        self.c
+            .execute("UPDATE keys SET state = state WHERE 0", [])?;
+        Ok(())
+    }
+
+    fn done_many(&self, keys: &[String], at_ms: i64) -> rusqlite::Result<()> {
+        let mut st = self.c.prepare_cached(
+            "INSERT INTO keys(key, state, message_id, holder, updated_ms) VALUES (?1, 1, '', NULL, ?2)
+             ON CONFLICT(key) DO UPDATE SET state = 1, holder = NULL,
+                updated_ms = MAX(keys.updated_ms, excluded.updated_ms)",
+        )?;
+        for key in keys {
+            st.execute(params![key, at_ms])?;
+        }
+        Ok(())
+    }
+
+    fn read_position(&self, log: &str) -> rusqlite::Result<Option<ReadPosition>> {
+        let row: Option<(i64, String)> = self
+            .c
+            .prepare_cached("SELECT last_offset, fingerprint FROM done_log_reads WHERE log = ?1")?
+            .query_row(params![log], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?;
+        Ok(row.and_then(|(o, fingerprint)| {
+            Some(ReadPosition {
+                offset: u64::try_from(o).ok()?,
+                fingerprint,
+            })
+        }))
+    }
+
+    fn set_read_position(&self, log: &str, position: &ReadPosition) -> rusqlite::Result<()> {
+        self.c
+            .prepare_cached(
+                "INSERT INTO done_log_reads(log, last_offset, fingerprint) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(log) DO UPDATE SET last_offset = excluded.last_offset,
+                                                fingerprint = excluded.fingerprint",
+            )?
+            .execute(params![
+                log,
+                i64::try_from(position.offset).unwrap_or(i64::MAX),
+                position.fingerprint
+            ])?;
+        Ok(())
+    }
+}
+
+/// A request whose statements ran, its answer held until the transaction
+/// ends: a waiter must not act on a claim that a rollback undoes.
+pub(super) struct Answer(OnEnd);
+
+/// Sends the answer when the transaction ends: given `Ok` if it committed,
+/// the batch's error if not.
+type OnEnd = Box<dyn FnOnce(Result<(), &Error>) + Send>;
+
+impl Answer {
+    fn new<T: Send + 'static>(reply: Responder<T>, answer: T) -> Self {
+        Self(Box::new(move |end| {
+            let _ = reply.send(end.map(|()| answer).map_err(Error::clone));
+        }))
+    }
+
+    /// The transaction committed: the waiter gets its answer.
+    pub(super) fn send(self) {
+        (self.0)(Ok(()))
+    }
+}
+
+/// A request whose waiter gets the batch's error and nothing else: the batch
+/// failed, before, during or after its statements.
+pub(super) struct Unanswered(Box<dyn FnOnce(&Error) + Send>);
+
+impl Unanswered {
+    fn new<T: Send + 'static>(reply: Responder<T>) -> Self {
+        Self(Box::new(move |e| {
+            let _ = reply.send(Err(e.clone()));
+        }))
+    }
+
+    pub(super) fn fail(self, e: &Error) {
+        (self.0)(e)
+    }
+}
+
+impl From<Answer> for Unanswered {
+    /// The batch failed after this request ran: the rollback undid its answer.
+    fn from(answer: Answer) -> Self {
+        Self(Box::new(move |e| (answer.0)(Err(e))))
+    }
+}
+
+impl Request {
+    pub(super) fn unanswered(self) -> Unanswered {
+        // One arm per type of answer.
+        match self.op {
+            Op::Claim { reply, .. } => Unanswered::new(reply),
+            Op::Position { reply, .. } => Unanswered::new(reply),
+            Op::Prune { reply, .. } => Unanswered::new(reply),
+            Op::Done { reply, .. }
+            | Op::Release { reply, .. }
+            | Op::Park { reply, .. }
+            | Op::Probe { reply }
+            | Op::DoneMany { reply, .. }
+            | Op::SetPosition { reply, .. } => Unanswered::new(reply),
+        }
+    }
+
+    /// Runs the request's statements in the open transaction and holds the
+    /// answer for its end. On an error, the request comes back unanswered, to
+    /// be told the batch's error with the others.
+    fn run(self, c: &Connection, holder: &str) -> Result<Answer, (rusqlite::Error, Unanswered)> {
+        let txn = Txn {
+            c,
+            holder,
+            now: self.now_ms,
+        };
+        match self.op {
+            Op::Claim {
+                key,
+                message_id,
+                reply,
+            } => hold(reply, txn.claim(&key, &message_id)),
+            Op::Done { key, reply } => hold(reply, txn.done(&key)),
+            Op::Release {
+                key,
+                message_id,
+                reply,
+            } => hold(reply, txn.release(&key, &message_id)),
+            Op::Park {
+                key,
+                message_id,
+                attempts,
+                handback,
+                reply,
+            } => hold(reply, txn.park(&key, &message_id, attempts, handback)),
+            Op::Prune {
+                older_than_ms,
+                reply,
+            } => hold(reply, txn.prune(older_than_ms)),
+            Op::Probe { reply } => hold(reply, txn.probe()),
+            Op::DoneMany { keys, at_ms, reply } => hold(reply, txn.done_many(&keys, at_ms)),
+            Op::Position { log, reply } => hold(reply, txn.read_position(&log)),
+            Op::SetPosition {
+                log,
+                position,
+                reply,
+            } => hold(reply, txn.set_read_position(&log, &position)),
+        }
+    }
+}
+
+/// Holds a request's answer for the end of the transaction, or hands its reply
+/// back with the error that ends the batch.
+fn hold<T: Send + 'static>(
+    reply: Responder<T>,
+    ran: rusqlite::Result<T>,
+) -> Result<Answer, (rusqlite::Error, Unanswered)> {
+    match ran {
+        Ok(answer) => Ok(Answer::new(reply, answer)),
+        Err(e) => Err((e, Unanswered::new(reply))),
+    }
+}
+
+fn renew(c: &Connection, lease: &Lease, now: i64) -> rusqlite::Result<()> {
+    c.prepare_cached(
+        "INSERT INTO holders(holder, lease_until_ms) VALUES (?1, ?2)
+         ON CONFLICT(holder) DO UPDATE SET lease_until_ms = excluded.lease_until_ms",
+    )?
+    .execute(params![
+        lease.holder,
+        now.saturating_add(ms(lease.duration))
+    ])?;
+    Ok(())
+}
+
+/// Ends this process's lease: it holds nothing any more, so a redelivery of
+/// anything it left can take over at once.
+pub(super) fn end_lease(c: &Connection, lease: &Lease) -> rusqlite::Result<()> {
+    c.execute(
+        "DELETE FROM holders WHERE holder = ?1",
+        params![lease.holder],
+    )?;
+    Ok(())
+}
+
+/// A batch that failed and was rolled back: the error, which is every
+/// request's answer, and the requests, in the order they came.
+pub(super) struct Failed {
+    pub(super) error: rusqlite::Error,
+    pub(super) waiting: Vec<Unanswered>,
+}
+
+impl Failed {
+    /// `ran`: the requests that ran before `error`; `rest`: the one that
+    /// failed, if one did, and those that did not run.
+    fn new(
+        error: rusqlite::Error,
+        ran: Vec<Answer>,
+        rest: impl IntoIterator<Item = Unanswered>,
+    ) -> Self {
+        let waiting = ran.into_iter().map(Unanswered::from).chain(rest).collect();
+        Self { error, waiting }
+    }
+}
+
+/// Runs a batch (and the lease renewal, when `renew_at` says so) in one
+/// transaction. The answers are sent by the caller once this returns them:
+/// the transaction has committed by then.
+pub(super) fn run_batch(
+    c: &Connection,
+    lease: &Lease,
+    batch: Vec<Request>,
+    renew_at: Option<i64>,
+) -> Result<Vec<Answer>, Failed> {
+    if let Err(e) = c.execute_batch("BEGIN IMMEDIATE") {
+        return Err(Failed::new(
+            e,
+            Vec::new(),
+            batch.into_iter().map(Request::unanswered),
+        ));
+    }
+    let ended = run_in_transaction(c, lease, batch, renew_at).and_then(|answers| {
+        match c.execute_batch("COMMIT") {
+            Ok(()) => Ok(answers),
+            Err(e) => Err(Failed::new(e, answers, [])),
+        }
+    });
+    if ended.is_err() {
+        let _ = c.execute_batch("ROLLBACK");
+    }
+    ended
+}
+
+fn run_in_transaction(
+    c: &Connection,
+    lease: &Lease,
+    batch: Vec<Request>,
+    renew_at: Option<i64>,
+) -> Result<Vec<Answer>, Failed> {
+    if let Some(now) = renew_at
+        && let Err(e) = renew(c, lease, now)
+    {
+        return Err(Failed::new(
+            e,
+            Vec::new(),
+            batch.into_iter().map(Request::unanswered),
+        ));
+    }
+    let mut answers = Vec::with_capacity(batch.len());
+    let mut requests = batch.into_iter();
+    while let Some(r) = requests.next() {
+        match r.run(c, &lease.holder) {
+            Ok(answer) => answers.push(answer),
+            Err((e, failed)) => {
+                let rest = std::iter::once(failed).chain(requests.map(Request::unanswered));
+                return Err(Failed::new(e, answers, rest));
+            }
+        }
+    }
+    Ok(answers)
+}
