@@ -13,29 +13,6 @@ use crate::support::{self, Client, FakeTarget, TestEnv, wait_until};
 
 const T: Duration = Duration::from_secs(60);
 
-/// Replaces `queue` by a durable classic queue that refuses every publish.
-async fn refusing_queue_in_place_of(env: &TestEnv, queue: &str) {
-    env.delete_queue(queue).await;
-    let (conn, ch) = env.raw_channel().await;
-    let mut args = lapin::types::FieldTable::default();
-    args.insert("x-max-length".into(), lapin::types::AMQPValue::LongInt(0));
-    args.insert(
-        "x-overflow".into(),
-        lapin::types::AMQPValue::LongString("reject-publish".into()),
-    );
-    ch.queue_declare(
-        queue.into(),
-        lapin::options::QueueDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        args,
-    )
-    .await
-    .unwrap();
-    let _ = conn.close(200, "bye".into()).await;
-}
-
 /// A message handed back again and again (here: its partition's done-log
 /// cannot be read) reaches the work queue's delivery limit, which hookq
 /// declares (`amqp.delivery_limit`; 4.x would default to 20): the broker
@@ -52,7 +29,7 @@ async fn hand_backs_end_at_the_delivery_limit_as_a_dead_letter() {
     assert!(up.ready(T).await);
     // After hookq connected: declaring the topology again is refused over a
     // queue in the done-log's place (it is not a stream).
-    refusing_queue_in_place_of(&env, &topo.done(0)).await;
+    env.refusing_queue_in_place_of(&topo.done(0)).await;
     let client = Client::new(up.ingress_addr.unwrap());
     let id = (0..)
         .map(|k| format!("limit-{k}"))

@@ -369,24 +369,7 @@ async fn a_failing_done_log_read_hands_back_slowly() {
     wait_until(T, "a consuming", || async { logged(&a, "consuming") == 2 }).await;
     // Partition 0's done-log replaced by a queue that refuses every publish.
     let done = env.topology().done(0);
-    env.delete_queue(&done).await;
-    let (conn, ch) = env.raw_channel().await;
-    let mut args = lapin::types::FieldTable::default();
-    args.insert("x-max-length".into(), lapin::types::AMQPValue::LongInt(0));
-    args.insert(
-        "x-overflow".into(),
-        lapin::types::AMQPValue::LongString("reject-publish".into()),
-    );
-    ch.queue_declare(
-        done.as_str().into(),
-        lapin::options::QueueDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        args,
-    )
-    .await
-    .unwrap();
+    env.refusing_queue_in_place_of(&done).await;
     let topo = env.topology();
     let id = (0..)
         .map(|k| format!("slow-{k}"))
@@ -402,10 +385,7 @@ async fn a_failing_done_log_read_hands_back_slowly() {
     );
     assert!(target.for_key(&format!("p:{id}")).is_empty());
     // The done-log back: the message is delivered at its next try.
-    ch.queue_delete(done.as_str().into(), Default::default())
-        .await
-        .unwrap();
-    let _ = conn.close(200, "bye".into()).await;
+    env.delete_queue(&done).await;
     env.broker().await.declare_topology().await.unwrap();
     wait_until(T, "delivered once the done-log is back", || async {
         !target.for_key(&format!("p:{id}")).is_empty()

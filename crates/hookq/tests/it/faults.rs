@@ -288,26 +288,8 @@ async fn a_republish_that_keeps_failing_ends_in_the_dead_queue(q: hookq::config:
     let up = env.up().await;
     env.broker().await; // declares the topology now, not after the delete
     let topo = env.topology();
-    let tier = topo.delay(topo.tiers[0]);
-    env.delete_queue(&tier).await;
-    let (conn, ch) = env.raw_channel().await;
-    let mut args = lapin::types::FieldTable::default();
-    args.insert("x-max-length".into(), lapin::types::AMQPValue::LongInt(0));
-    args.insert(
-        "x-overflow".into(),
-        lapin::types::AMQPValue::LongString("reject-publish".into()),
-    );
-    ch.queue_declare(
-        tier.as_str().into(),
-        lapin::options::QueueDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        args,
-    )
-    .await
-    .unwrap();
-    let _ = conn.close(200, "bye".into()).await;
+    env.refusing_queue_in_place_of(&topo.delay(topo.tiers[0]))
+        .await;
     let key = Client::new(up.ingress_addr.unwrap())
         .send("s", "loop", "{}")
         .await;

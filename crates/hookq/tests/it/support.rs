@@ -230,6 +230,31 @@ impl TestEnv {
             .expect("a raw channel")
     }
 
+    /// Puts in `queue`'s place a durable classic queue that refuses every
+    /// publish: declaring the topology again cannot replace it (its arguments
+    /// differ), so the refusals last.
+    pub async fn refusing_queue_in_place_of(&self, queue: &str) {
+        self.delete_queue(queue).await;
+        let (conn, ch) = self.raw_channel().await;
+        let mut args = lapin::types::FieldTable::default();
+        args.insert("x-max-length".into(), lapin::types::AMQPValue::LongInt(0));
+        args.insert(
+            "x-overflow".into(),
+            lapin::types::AMQPValue::LongString("reject-publish".into()),
+        );
+        ch.queue_declare(
+            queue.into(),
+            lapin::options::QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            args,
+        )
+        .await
+        .unwrap();
+        let _ = conn.close(200, "bye".into()).await;
+    }
+
     /// Deletes a queue under hookq's feet.
     pub async fn delete_queue(&self, queue: &str) {
         let (conn, ch) = self.raw_channel().await;
