@@ -195,9 +195,16 @@ impl Thread {
         }
     }
 
+    /// Every quarter lease; and with any batch while the lease is not
+    /// written or half run out (a failed batch put the next renewal off): a
+    /// claim made without a lease in force would look abandoned to the
+    /// other processes at once.
     fn renewal_is_due(&self) -> bool {
+        let half = ms(self.lease.duration / 2);
+        let until = i64::try_from(self.lease.valid_until.load(Ordering::Relaxed)).unwrap_or(0);
         self.renewed
             .is_none_or(|at| at.elapsed() >= self.lease.duration / 4)
+            || until < now_ms().saturating_add(half)
     }
 
     /// Waits for a request until the next renewal is due, then takes every

@@ -10,6 +10,25 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{Claim, Error, Lease, Op, PRUNE_BATCH, ReadPosition, Request, Responder, ms};
 
+/// Turns WAL on. Switching the journal mode takes the file's exclusive lock
+/// without SQLite's busy handler: two processes opening a new file at once
+/// (workers started together) see SQLITE_BUSY, so it is retried here for as
+/// long as the busy timeout.
+fn wal(c: &Connection) -> rusqlite::Result<()> {
+    let until = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match c.pragma_update(None, "journal_mode", "WAL") {
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::DatabaseBusy
+                    && std::time::Instant::now() < until =>
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            other => return other,
+        }
+    }
+}
+
 pub(super) fn open(path: &Path) -> rusqlite::Result<Connection> {
     if let Some(dir) = path.parent()
         && !dir.as_os_str().is_empty()
@@ -18,7 +37,7 @@ pub(super) fn open(path: &Path) -> rusqlite::Result<Connection> {
     }
     let c = Connection::open(path)?;
     c.busy_timeout(Duration::from_secs(5))?;
-    c.pragma_update(None, "journal_mode", "WAL")?;
+    wal(&c)?;
     // With WAL, NORMAL fsyncs at checkpoints, not at every commit: a process crash
     // loses nothing; a power cut may lose the last commits (a key delivered again,
     // with the same Idempotency-Key). FULL would fsync each batch.
