@@ -52,6 +52,11 @@ pub struct SimulateArgs {
     pub timeout_rate: f64,
     #[arg(long, default_value_t = 5)]
     pub max_attempts: u32,
+    /// Instead: an outage of this many seconds (the target answers 503 while
+    /// webhooks arrive), run with the target's breaker and without it, to
+    /// compare how many end dead.
+    #[arg(long, value_name = "SECONDS")]
+    pub outage_s: Option<u64>,
     /// Machine-readable result.
     #[arg(long)]
     pub json: bool,

@@ -31,6 +31,9 @@ pub enum Outcome {
     /// Given back to the broker (nack, or its channel is gone): it will be
     /// delivered again, to this worker or another.
     HandedBack,
+    /// Moved to its target's hold queue (confirmed) and acked: the target is
+    /// paused, its breaker open, or it has no room; no attempt spent.
+    Held,
 }
 
 impl Outcome {
@@ -42,6 +45,7 @@ impl Outcome {
             Self::Retried { .. } => "retried",
             Self::Dead { .. } => "dead",
             Self::HandedBack => "handed_back",
+            Self::Held => "held",
         }
     }
 }
@@ -79,6 +83,45 @@ pub enum Event {
     /// This worker became the active consumer of a partition (its done-log
     /// read), or stopped being it.
     Partition { partition: u32, active: bool },
+}
+
+/// A target's state as operators see it (metric, logs, `hookq target list`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TargetState {
+    Closed,
+    Open,
+    HalfOpen,
+    Paused,
+}
+
+impl TargetState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Closed => "closed",
+            Self::Open => "open",
+            Self::HalfOpen => "half_open",
+            Self::Paused => "paused",
+        }
+    }
+
+    /// The value of `hookq_target_state`.
+    pub fn code(self) -> i64 {
+        match self {
+            Self::Closed => 0,
+            Self::Open => 1,
+            Self::HalfOpen => 2,
+            Self::Paused => 3,
+        }
+    }
+}
+
+/// A target's request counters by outcome.
+#[derive(Clone, Debug)]
+pub struct TargetRequests {
+    pub success: prometheus_client::metrics::counter::Counter,
+    pub rejected: prometheus_client::metrics::counter::Counter,
+    pub back_pressure: prometheus_client::metrics::counter::Counter,
+    pub failed: prometheus_client::metrics::counter::Counter,
 }
 
 /// Subscribers that fall further behind than this lose events (and are told so).
@@ -184,6 +227,7 @@ impl Events {
                 tracing::warn!(attempts = env.attempts, %reason, error, "dead-lettered")
             }
             Outcome::HandedBack => tracing::debug!("handed back to the broker"),
+            Outcome::Held => tracing::debug!("held for its target"),
         }
         self.send(|| Event::Settled {
             source: env.source.clone(),
@@ -237,6 +281,38 @@ impl Events {
             partition,
             active: false,
         });
+    }
+
+    /// Counters of a target's requests by outcome, kept by its gate.
+    pub fn target_requests(&self, target: &str) -> TargetRequests {
+        let c = |o| self.metrics.target_requests(target, o);
+        TargetRequests {
+            success: c("success"),
+            rejected: c("rejected"),
+            back_pressure: c("back_pressure"),
+            failed: c("failed"),
+        }
+    }
+
+    /// A target changed state, here (`by` names the worker that changed it
+    /// when it was another), for `why`.
+    pub fn target_state(&self, target: &str, state: TargetState, by: Option<u64>, why: &str) {
+        self.metrics.target_state(target, state.code());
+        let state = state.as_str();
+        match by {
+            None => tracing::info!(target_name = target, state, "target {state}: {why}"),
+            Some(by) => tracing::info!(
+                target_name = target,
+                state,
+                by = format_args!("{by:016x}"),
+                "target {state} by another worker: {why}"
+            ),
+        }
+    }
+
+    /// A target's gauges: in flight from this worker, its limit, held on the broker.
+    pub fn target_sample(&self, target: &str, in_flight: usize, limit: usize, held: u32) {
+        self.metrics.target_sample(target, in_flight, limit, held);
     }
 
     /// One answer of the admin API.

@@ -7,6 +7,8 @@
 //!    supervision over the cluster's nodes, topology, publish, consume.
 //! 3. [`worker`]: consume, [`dedup`] (LRU then SQLite), deliver through
 //!    [`delivery`], decide with [`retry`], then ack, delay or dead-letter.
+//!    Each delivery passes its target's gate in [`targets`] (limits for the
+//!    whole system, adaptive concurrency, the breaker, pauses).
 //! 4. [`dead_letters`]: reading, counting and moving dead letters (`P.dead`),
 //!    for the command line ([`cli`]) and the admin API ([`admin`]) alike.
 //!
@@ -34,6 +36,7 @@ mod metrics;
 pub mod retry;
 pub mod shutdown;
 pub mod system;
+pub mod targets;
 pub mod telemetry;
 pub mod worker;
 

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 use hookq::cli::dead_letters as commands;
-use hookq::cli::{Cli, Command, DlqCommand};
+use hookq::cli::{Cli, Command, DlqCommand, TargetCommand};
 use hookq::system::{Parts, System};
 use hookq::{config, shutdown, telemetry};
 
@@ -59,6 +59,15 @@ async fn run(command: Command, settings: config::Settings) -> anyhow::Result<Exi
         }
         Command::Dlq(DlqCommand::Stats { json }) => {
             return commands::dlq_stats(&settings, json).await;
+        }
+        Command::Target(TargetCommand::List { json }) => {
+            return hookq::cli::targets::list(&settings, json).await;
+        }
+        Command::Target(TargetCommand::Pause { name }) => {
+            return hookq::cli::targets::pause_or_resume(&settings, &name, true).await;
+        }
+        Command::Target(TargetCommand::Resume { name }) => {
+            return hookq::cli::targets::pause_or_resume(&settings, &name, false).await;
         }
         Command::External(_) => return Ok(ExitCode::from(2)),
     };

@@ -29,6 +29,9 @@ pub mod header {
     /// With `amqp.partitions` > 1: the message's partition, which the return
     /// exchange routes a delay tier's expired messages by.
     pub const PARTITION: &str = "hookq-partition";
+    /// Set (true) on the one held message a worker releases as an open
+    /// breaker's probe: it is delivered while the rest stay held.
+    pub const PROBE: &str = "hookq-probe";
 }
 
 /// The idempotency key, `SOURCE:ID`.
@@ -136,6 +139,9 @@ pub struct Envelope {
     pub not_before: Option<u64>,
     /// With partitions, the key's partition; see [`header::PARTITION`].
     pub partition: Option<u32>,
+    /// Released from a hold queue as the target's breaker probe; see
+    /// [`header::PROBE`].
+    pub probe: bool,
 }
 
 impl Envelope {
@@ -183,6 +189,7 @@ impl Envelope {
             shovelled: 0,
             not_before: None,
             partition: None,
+            probe: false,
         }
     }
 }

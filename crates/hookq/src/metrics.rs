@@ -53,6 +53,18 @@ pub struct AdminLabels {
     pub status: u16,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TargetLabels {
+    pub target: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TargetOutcomeLabels {
+    pub target: String,
+    /// success, rejected, back_pressure, failed
+    pub outcome: &'static str,
+}
+
 /// The `source` label of every source not named in the configuration.
 pub const OTHER_SOURCE: &str = "_other";
 
@@ -83,6 +95,11 @@ pub(crate) struct Metrics {
     /// 1 for each partition this worker is the active consumer of.
     partitions: Family<PartitionLabels, Gauge>,
     admin_requests: Family<AdminLabels, Counter>,
+    target_state: Family<TargetLabels, Gauge>,
+    target_in_flight: Family<TargetLabels, Gauge>,
+    target_limit: Family<TargetLabels, Gauge>,
+    target_requests: Family<TargetOutcomeLabels, Counter>,
+    target_held: Family<TargetLabels, Gauge>,
 }
 
 impl Metrics {
@@ -162,6 +179,36 @@ impl Metrics {
             "Requests to the admin API by route and status (401s included)",
             admin_requests.clone(),
         );
+        let target_state = Family::<TargetLabels, Gauge>::default();
+        registry.register(
+            "target_state",
+            "Each target's state: 0 closed, 1 open (held by the breaker), 2 half_open (a probe is out), 3 paused (by an operator)",
+            target_state.clone(),
+        );
+        let target_in_flight = Family::<TargetLabels, Gauge>::default();
+        registry.register(
+            "target_in_flight",
+            "Deliveries to each target in flight from this worker",
+            target_in_flight.clone(),
+        );
+        let target_limit = Family::<TargetLabels, Gauge>::default();
+        registry.register(
+            "target_concurrency_limit",
+            "This worker's current limit of deliveries in flight to each target (adaptive, within its share of max_concurrency)",
+            target_limit.clone(),
+        );
+        let target_requests = Family::<TargetOutcomeLabels, Counter>::default();
+        registry.register(
+            "target_requests",
+            "Requests to each target by outcome (success, rejected, back_pressure, failed)",
+            target_requests.clone(),
+        );
+        let target_held = Family::<TargetLabels, Gauge>::default();
+        registry.register(
+            "target_held",
+            "Messages held on the broker for each target (its hold queue)",
+            target_held.clone(),
+        );
         Self {
             registry,
             known_sources: known_sources.into_iter().collect(),
@@ -177,7 +224,41 @@ impl Metrics {
             dedup_commits,
             partitions,
             admin_requests,
+            target_state,
+            target_in_flight,
+            target_limit,
+            target_requests,
+            target_held,
         }
+    }
+
+    /// A target's request counter for `outcome`, to keep and count on.
+    pub(crate) fn target_requests(&self, target: &str, outcome: &'static str) -> Counter {
+        self.target_requests
+            .get_or_create(&TargetOutcomeLabels {
+                target: target.to_string(),
+                outcome,
+            })
+            .clone()
+    }
+
+    pub(crate) fn target_state(&self, target: &str, code: i64) {
+        self.target_state
+            .get_or_create(&TargetLabels {
+                target: target.to_string(),
+            })
+            .set(code);
+    }
+
+    /// A target's gauges, sampled.
+    pub(crate) fn target_sample(&self, target: &str, in_flight: usize, limit: usize, held: u32) {
+        let l = TargetLabels {
+            target: target.to_string(),
+        };
+        let n = |v: usize| i64::try_from(v).unwrap_or(i64::MAX);
+        self.target_in_flight.get_or_create(&l).set(n(in_flight));
+        self.target_limit.get_or_create(&l).set(n(limit));
+        self.target_held.get_or_create(&l).set(held.into());
     }
 
     /// One answer of the admin API.

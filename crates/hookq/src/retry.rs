@@ -49,6 +49,10 @@ impl Failure {
             Error::NoTarget(_) | Error::BadRequest(_) => Self::Permanent,
         }
     }
+
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Self::Retryable { .. })
+    }
 }
 
 /// A delay tier, named by its wait (one of `retry.delays_ms`); the topology

@@ -115,6 +115,7 @@ fn start_worker(settings: &Settings, events: &Events) -> anyhow::Result<(Arc<Wor
         dedup: &settings.dedup,
         sources: &settings.sources,
         amqp: &settings.amqp,
+        targets: settings.resolved_targets(),
     };
     Ok((Worker::new(config, b.clone(), events.clone())?, b))
 }
@@ -130,7 +131,7 @@ fn start_admin(settings: &Settings, events: &Events) -> Option<Arc<Admin>> {
         settings.topology(),
         events.clone(),
     );
-    Admin::new(&settings.admin, b, events)
+    Admin::new(&settings.admin, settings.resolved_targets(), b, events)
 }
 
 /// The health, metrics and admin routes: served on the ingress's listener

@@ -14,6 +14,9 @@ use std::time::Duration;
 
 use support::{Client, FakeTarget, TestEnv, wait_until};
 
+/// The tests of this binary each restart the broker: one at a time.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn rabbitmqctl(args: &[&str]) {
     let out = support::rabbitmqctl()
         .args(args)
@@ -28,6 +31,7 @@ fn rabbitmqctl(args: &[&str]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_restart_mid_stream_loses_no_accepted_webhook() {
+    let _alone = ONE_AT_A_TIME.lock().await;
     let target = FakeTarget::ok().await;
     let env = TestEnv::new("restart").with_target(&target.url);
     let up = env.up().await;
@@ -110,6 +114,75 @@ async fn broker_restart_mid_stream_loses_no_accepted_webhook() {
         .unwrap();
     // Both the ingress's and the worker's connection came back.
     assert!(reconnects >= 2.0, "reconnects counted: {reconnects}");
+}
+
+/// A broker restart while an operator's pause holds a target's messages:
+/// the held messages and the pause survive it (both live in RabbitMQ), the
+/// reconnected worker keeps holding, and after the resume each key is
+/// delivered once, on its first attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_restart_during_a_hold_keeps_the_pause_and_the_messages() {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let target = FakeTarget::ok().await;
+    let env = TestEnv::new("rshold").with_named_target("app", &target.url, Default::default());
+    let app = env.settings.resolved_targets()["app"].clone();
+    let broker = env.broker().await;
+    hookq::targets::pause(&broker, &app, "test").await.unwrap();
+    let up = env.up().await;
+    let c = Client::new(up.ingress_addr.unwrap());
+    let mut keys = Vec::new();
+    for i in 0..20 {
+        keys.push(c.send("s", &format!("before-{i}"), "{}").await);
+    }
+    let hold = env.topology().hold("app");
+    let t = Duration::from_secs(30);
+    wait_until(t, "every webhook held", || async {
+        env.queue_len(&hold).await == 20
+    })
+    .await;
+
+    rabbitmqctl(&["stop_app"]);
+    let restarted = scopeguard(|| rabbitmqctl(&["start_app"]));
+    wait_until(t, "readyz 503 while the broker is down", || async {
+        c.get("/readyz").await.status() == 503
+    })
+    .await;
+    drop(restarted); // start_app
+    wait_until(Duration::from_secs(60), "ready again by itself", || async {
+        c.get("/readyz").await.status() == 200
+    })
+    .await;
+    for i in 0..10 {
+        keys.push(c.send("s", &format!("after-{i}"), "{}").await);
+    }
+    wait_until(t, "the old and the new webhooks held", || async {
+        env.queue_len(&hold).await == 30
+    })
+    .await;
+    let broker = env.broker().await;
+    let views = hookq::targets::listen(&broker, &env.settings.resolved_targets())
+        .await
+        .unwrap();
+    assert_eq!(views[0].state, "paused", "the pause outlived the restart");
+    assert_eq!(target.count(), 0, "delivered while paused");
+
+    hookq::targets::resume(&broker, &app).await.unwrap();
+    wait_until(Duration::from_secs(60), "each key delivered", || async {
+        target.successes().len() == keys.len()
+    })
+    .await;
+    let ok = target.successes();
+    for k in &keys {
+        assert_eq!(ok.get(k).copied(), Some(1), "{k}: {ok:?}");
+    }
+    assert!(
+        target
+            .received()
+            .iter()
+            .all(|r| r.header("hookq-attempt").as_deref() == Some("1")),
+        "a held message spends no attempt"
+    );
+    assert_eq!(env.queue_len(&env.topology().dead()).await, 0);
 }
 
 /// Runs `f` when dropped, so the broker is started again even if an assertion fails.

@@ -189,7 +189,7 @@ pub async fn bench(settings: &Settings, args: &BenchArgs) -> anyhow::Result<Repo
     // 2-4 on one throwaway prefix.
     let mut sandbox = Sandbox::new(settings, "bench").context("cannot make a scratch directory")?;
     sandbox.settings.worker.handler = HandlerKind::Http;
-    sandbox.settings.worker.target = Some(target_url(&sink)?);
+    sandbox.settings.worker.target = Some(target_url(&sink)?.into());
     let phases = async {
         sandbox.broker().await?;
         let hand_ingress = hand::hand_ingress(&sandbox, args, &body).await?;

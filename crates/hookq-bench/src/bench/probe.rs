@@ -107,7 +107,7 @@ pub(super) async fn worker_rss(
         Sandbox::new(settings, "bench-rss").context("cannot make a scratch directory")?;
     let s = &mut sandbox.settings;
     s.worker.handler = HandlerKind::Http;
-    s.worker.target = Some(super::target_url(sink)?);
+    s.worker.target = Some(super::target_url(sink)?.into());
     s.dedup.lru_capacity = s
         .dedup
         .lru_capacity

@@ -65,7 +65,7 @@ async fn drain(
     let s = &mut sandbox.settings;
     s.amqp.partitions = partitions;
     s.worker.handler = HandlerKind::Http;
-    s.worker.target = Some(super::target_url(sink)?);
+    s.worker.target = Some(super::target_url(sink)?.into());
     s.worker.metrics_listen = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
     let result = async {
         let broker = sandbox.broker().await?;

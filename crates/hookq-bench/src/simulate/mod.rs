@@ -10,6 +10,7 @@
 //! saw (a 2xx twice would be a broken promise).
 
 mod flaky;
+mod outage;
 mod report;
 
 use std::collections::HashMap;
@@ -87,6 +88,9 @@ fn usage_error(args: &SimulateArgs) -> Option<String> {
     if args.max_attempts == 0 {
         return Some("--max-attempts must be at least 1".into());
     }
+    if args.outage_s == Some(0) || args.outage_s.is_some_and(|s| s > 3600) {
+        return Some("--outage-s must be between 1 and 3600 seconds".into());
+    }
     rate("failure-rate", args.failure_rate).or_else(|| rate("timeout-rate", args.timeout_rate))
 }
 
@@ -94,6 +98,15 @@ pub async fn run(settings: &Settings, args: &SimulateArgs) -> anyhow::Result<Exi
     if let Some(problem) = usage_error(args) {
         eprintln!("hookq simulate: {problem}");
         return Ok(ExitCode::from(2));
+    }
+    if let Some(secs) = args.outage_s {
+        let report = outage::simulate(settings, args, Duration::from_secs(secs)).await?;
+        if args.json {
+            print(serde_json::to_string(&report)?);
+        } else {
+            outage::print_report(&report);
+        }
+        return Ok(ExitCode::SUCCESS);
     }
     let report = simulate(settings, args).await?;
     if args.json {
@@ -125,7 +138,11 @@ pub async fn simulate(settings: &Settings, args: &SimulateArgs) -> anyhow::Resul
         Sandbox::new(settings, "sim").context("cannot make the simulation's scratch directory")?;
     let s = &mut sandbox.settings;
     s.worker.handler = HandlerKind::Http;
-    s.worker.target = Some(TargetUrl::parse(&target.url).map_err(anyhow::Error::msg)?);
+    s.worker.target = Some(
+        TargetUrl::parse(&target.url)
+            .map_err(anyhow::Error::msg)?
+            .into(),
+    );
     s.worker.timeout = SIM_TIMEOUT;
     s.retry.max_attempts = args.max_attempts;
     s.retry.inline_attempts_set = Some(args.max_attempts.min(2));
@@ -308,6 +325,7 @@ mod tests {
             failure_rate: p,
             timeout_rate: t,
             max_attempts: k,
+            outage_s: None,
             json: false,
         }
     }

@@ -52,10 +52,18 @@ fn route_label(req: &Request) -> &'static str {
         .extensions()
         .get::<MatchedPath>()
         .map(MatchedPath::as_str);
-    [api::STATS, api::PENDING, api::REPROCESS, api::DETAIL]
-        .into_iter()
-        .find(|r| Some(*r) == matched)
-        .unwrap_or("other")
+    [
+        api::STATS,
+        api::PENDING,
+        api::REPROCESS,
+        api::DETAIL,
+        super::targets::LIST,
+        super::targets::PAUSE,
+        super::targets::RESUME,
+    ]
+    .into_iter()
+    .find(|r| Some(*r) == matched)
+    .unwrap_or("other")
 }
 
 pub async fn check(State(admin): State<Arc<Admin>>, req: Request, next: Next) -> Response {

@@ -15,6 +15,8 @@ pub enum ApiError {
     Invalid(String),
     /// 404: no dead letter with this message id.
     NotFound(String),
+    /// 404: no target with this name.
+    NoTarget(String),
     /// 409: a reprocess run is under way.
     Busy,
     /// 503: the broker cannot be read now.
@@ -28,7 +30,7 @@ impl ApiError {
         match self {
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::Invalid(_) => StatusCode::BAD_REQUEST,
-            Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::NotFound(_) | Self::NoTarget(_) => StatusCode::NOT_FOUND,
             Self::Busy => StatusCode::CONFLICT,
             Self::Broker(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -39,7 +41,7 @@ impl ApiError {
         match self {
             Self::Unauthorized => "unauthorized",
             Self::Invalid(_) => "invalid_request",
-            Self::NotFound(_) => "not_found",
+            Self::NotFound(_) | Self::NoTarget(_) => "not_found",
             Self::Busy => "reprocess_running",
             Self::Broker(_) => "broker_unavailable",
             Self::Internal(_) => "internal_error",
@@ -54,6 +56,9 @@ impl ApiError {
             }
             Self::Invalid(m) | Self::Internal(m) => m.clone(),
             Self::NotFound(id) => format!("no dead letter with message id {id:?}"),
+            Self::NoTarget(name) => {
+                format!("no target named {name:?} (GET /admin/targets lists them)")
+            }
             Self::Busy => {
                 "a reprocess run is under way; GET /admin/dlq/reprocess shows its progress".into()
             }

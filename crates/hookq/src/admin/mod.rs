@@ -18,15 +18,16 @@ mod auth;
 mod console;
 mod error;
 mod reprocess;
+mod targets;
 mod view;
 
 use std::sync::Arc;
 
 use axum::Router;
-use axum::routing::get;
+use axum::routing::{get, post};
 
 use crate::broker::Broker;
-use crate::config::{AdminSettings, Secret};
+use crate::config::{AdminSettings, Secret, Target};
 use crate::events::Events;
 
 pub use error::ApiError;
@@ -42,12 +43,21 @@ pub struct Admin {
     /// Held by each read of `P.dead` and by a reprocess run, so that they take turns.
     reading: Arc<tokio::sync::Mutex<()>>,
     job: Arc<std::sync::Mutex<reprocess::Job>>,
+    /// Every target of the configuration, by name.
+    targets: std::collections::BTreeMap<String, Target>,
+    /// The workers' beats, heard from the first question about targets on.
+    watch: tokio::sync::OnceCell<crate::targets::Watch>,
 }
 
 impl Admin {
     /// The admin API for `settings`, or `None` when no token is configured
     /// (admin off: `/admin/*` is not routed, so it answers 404).
-    pub fn new(settings: &AdminSettings, broker: Broker, events: &Events) -> Option<Arc<Self>> {
+    pub fn new(
+        settings: &AdminSettings,
+        targets: std::collections::BTreeMap<String, Target>,
+        broker: Broker,
+        events: &Events,
+    ) -> Option<Arc<Self>> {
         let token = settings.token.clone()?;
         Some(Arc::new(Self {
             token,
@@ -56,7 +66,21 @@ impl Admin {
             events: events.clone(),
             reading: Arc::new(tokio::sync::Mutex::new(())),
             job: Arc::new(std::sync::Mutex::new(reprocess::Job::default())),
+            targets,
+            watch: tokio::sync::OnceCell::new(),
         }))
+    }
+
+    /// The listener on the workers' beats; the first call starts it and
+    /// waits until it has heard two beats' worth.
+    async fn watch(&self) -> &crate::targets::Watch {
+        self.watch
+            .get_or_init(|| async {
+                let w = crate::targets::Watch::start(self.broker.clone());
+                w.settled().await;
+                w
+            })
+            .await
     }
 
     /// The broker connection the admin API uses (closed by the system, last).
@@ -76,6 +100,9 @@ pub fn router(admin: Arc<Admin>, events: Events) -> Router {
             get(reprocess::status).post(reprocess::start),
         )
         .route(api::DETAIL, get(api::detail))
+        .route(targets::LIST, get(targets::list))
+        .route(targets::PAUSE, post(targets::pause))
+        .route(targets::RESUME, post(targets::resume))
         .route_layer(axum::middleware::from_fn_with_state(
             admin.clone(),
             auth::check,

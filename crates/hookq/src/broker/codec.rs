@@ -78,6 +78,9 @@ pub fn encode(env: &Envelope) -> BasicProperties {
         // Text, as the return exchange's bindings match it.
         put(&mut h, header::PARTITION, ls(i.to_string()));
     }
+    if env.probe {
+        put(&mut h, header::PROBE, AMQPValue::Boolean(true));
+    }
     if env.shovelled > 0 {
         put(
             &mut h,
@@ -245,6 +248,7 @@ pub fn decode(props: &BasicProperties, body: Bytes) -> Result<Envelope, DecodeEr
             .and_then(number)
             .and_then(|n| u64::try_from(n).ok()),
         partition: text(h, header::PARTITION).and_then(|p| p.trim().parse().ok()),
+        probe: matches!(h.inner().get(header::PROBE), Some(AMQPValue::Boolean(true))),
     })
 }
 

@@ -22,6 +22,7 @@
 mod acks;
 pub mod codec;
 mod consume;
+mod control;
 mod done_log;
 mod publish;
 mod queues;
@@ -39,6 +40,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use codec::DecodeError;
 pub use consume::{Acker, Consumer, Incoming, Reader};
+pub use control::ControlLine;
 pub use done_log::{DoneReader, DoneRecord};
 pub use topology::{Declared, Topology};
 

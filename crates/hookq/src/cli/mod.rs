@@ -7,6 +7,7 @@
 
 pub mod dead_letters;
 pub mod progress;
+pub mod targets;
 pub mod topology;
 
 use std::path::PathBuf;
@@ -59,6 +60,10 @@ pub enum Command {
     /// Look at dead letters without moving them.
     #[command(subcommand)]
     Dlq(DlqCommand),
+    /// See each target's state; pause and resume a target (every worker,
+    /// every host, across restarts).
+    #[command(subcommand)]
+    Target(TargetCommand),
     /// `hookq bench`, `hookq simulate`: run the binaries `hookq-bench` and
     /// `hookq-simulate` (the hookq-bench package), found beside this one or
     /// on PATH, with the rest of the command line and the global options.
@@ -99,6 +104,19 @@ pub enum DlqCommand {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TargetCommand {
+    /// Each target: state, in flight, limit, held, workers.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Hold the target's deliveries on the broker until resumed.
+    Pause { name: String },
+    /// Let a paused target's deliveries go again (ramping up).
+    Resume { name: String },
 }
 
 /// Prints a line on stdout; a closed pipe (`hookq dlq list | head`) is not an error.

@@ -49,6 +49,8 @@ fn default_file_keys(toml: &str) -> std::collections::BTreeSet<String> {
         if let Some(s) = l.strip_prefix('[').and_then(|r| r.strip_suffix(']')) {
             section = if s.starts_with("sources.") {
                 "sources.NAME".into()
+            } else if s.starts_with("targets.") {
+                "targets.NAME".into()
             } else {
                 s.to_string()
             };

@@ -15,7 +15,7 @@ mod values;
 mod written;
 
 pub use validate::Role;
-pub use values::{AmqpUrl, Management, Secret, TargetUrl, standard_key};
+pub use values::{AmqpUrl, Management, Secret, TargetRef, TargetUrl, standard_key};
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -102,6 +102,62 @@ pub struct Settings {
     pub dedup: DedupSettings,
     pub admin: AdminSettings,
     pub sources: BTreeMap<String, SourceSettings>,
+    /// The applications hookq delivers to, by name, with their limits.
+    pub targets: BTreeMap<String, TargetSettings>,
+}
+
+/// A target (`[targets.NAME]`): where deliveries go, and the limits that
+/// protect it, for the whole system (every worker on every host).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TargetSettings {
+    /// Required (checked by [`Settings::validate`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub url: Option<TargetUrl>,
+    /// Deliveries in flight at once, across every worker; unset:
+    /// `worker.concurrency`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_concurrency: Option<usize>,
+    /// Requests a second, across every worker; 0: no limit.
+    pub rate_per_s: f64,
+    /// Consecutive retryable failures that open the breaker; 0: no breaker.
+    pub breaker_failures: u32,
+    /// The first wait before an open breaker's probe; doubles after each
+    /// failed probe up to `breaker_max_probe`.
+    #[serde(rename = "breaker_probe_ms", with = "written::ms")]
+    pub breaker_probe: Duration,
+    #[serde(rename = "breaker_max_probe_ms", with = "written::ms")]
+    pub breaker_max_probe: Duration,
+}
+
+impl Default for TargetSettings {
+    fn default() -> Self {
+        Self {
+            url: None,
+            max_concurrency: None,
+            rate_per_s: 0.0,
+            breaker_failures: 10,
+            breaker_probe: ms(1000),
+            breaker_max_probe: ms(60_000),
+        }
+    }
+}
+
+/// A target as the worker uses it: its name, URL and limits, whether it was
+/// named in `[targets]` or given as a URL.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub name: String,
+    /// Its queues' part of the name (`P.hold.<queue_id>`): the name of a
+    /// named target; `url-` and 12 hex digits of the URL's SHA-256 for a
+    /// target given as a URL (a URL is no queue name).
+    pub queue_id: String,
+    pub url: TargetUrl,
+    pub max_concurrency: usize,
+    pub rate_per_s: f64,
+    pub breaker_failures: u32,
+    pub breaker_probe: Duration,
+    pub breaker_max_probe: Duration,
 }
 
 /// The admin API and console (`[admin]`): off unless a token is configured.
@@ -191,8 +247,9 @@ pub struct IngressSettings {
 pub struct WorkerSettings {
     pub concurrency: usize,
     pub handler: HandlerKind,
+    /// The default target: a target's name or a URL.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub target: Option<TargetUrl>,
+    pub target: Option<TargetRef>,
     #[serde(rename = "timeout_ms", with = "written::ms")]
     pub timeout: Duration,
     pub metrics_listen: SocketAddr,
@@ -260,8 +317,9 @@ pub struct SourceSettings {
     pub signature_header: Option<String>,
     #[serde(rename = "tolerance_ms", with = "written::ms")]
     pub tolerance: Duration,
+    /// This source's target (a name or a URL), instead of `worker.target`.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub target: Option<TargetUrl>,
+    pub target: Option<TargetRef>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub id_header: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -483,6 +541,61 @@ pub fn valid_source_name(name: &str) -> bool {
 }
 
 impl Settings {
+    /// Every target deliveries may go to, by name: the `[targets]` table,
+    /// and a target of its own (default limits) for each URL given as
+    /// `worker.target` or a source's target. Call after [`Settings::validate`].
+    pub fn resolved_targets(&self) -> BTreeMap<String, Target> {
+        let mut out = BTreeMap::new();
+        for (name, t) in &self.targets {
+            if let Some(url) = &t.url {
+                out.insert(name.clone(), self.target_of(name, url, t));
+            }
+        }
+        let refs = self
+            .sources
+            .values()
+            .filter_map(|s| s.target.as_ref())
+            .chain(self.worker.target.as_ref());
+        for r in refs {
+            if let TargetRef::Url(u) = r {
+                let name = r.name();
+                out.entry(name.clone())
+                    .or_insert_with(|| self.target_of(&name, u, &TargetSettings::default()));
+            }
+        }
+        out
+    }
+
+    fn target_of(&self, name: &str, url: &TargetUrl, t: &TargetSettings) -> Target {
+        let queue_id = if self.targets.contains_key(name) {
+            name.to_string()
+        } else {
+            use sha2::Digest;
+            let digest = sha2::Sha256::digest(name.as_bytes());
+            format!("url-{}", &hex::encode(digest)[..12])
+        };
+        Target {
+            name: name.to_string(),
+            queue_id,
+            url: url.clone(),
+            max_concurrency: t.max_concurrency.unwrap_or(self.worker.concurrency),
+            rate_per_s: t.rate_per_s,
+            breaker_failures: t.breaker_failures,
+            breaker_probe: t.breaker_probe,
+            breaker_max_probe: t.breaker_max_probe,
+        }
+    }
+
+    /// The name of the target a source's webhooks go to: its own, else
+    /// `worker.target`'s.
+    pub fn target_name_of(&self, source: &str) -> Option<String> {
+        self.sources
+            .get(source)
+            .and_then(|s| s.target.as_ref())
+            .or(self.worker.target.as_ref())
+            .map(TargetRef::name)
+    }
+
     /// The settings as a TOML file that [`load`] reads back to the same
     /// settings (secrets included: keep the file private).
     pub fn to_toml(&self) -> String {

@@ -89,6 +89,30 @@ fn unknown_and_bad_keys_are_named() {
             "[worker]\nhandler = \"log\"\n[sources.Bad]\nverify = \"none\"\n",
             "sources.Bad",
         ),
+        // Targets: a name nothing defines, limits that make no sense.
+        ("[worker]\ntarget = \"app\"\n", "worker.target"),
+        (
+            "[worker]\ntarget = \"http://a/\"\n[sources.s]\nverify = \"none\"\ntarget = \"nope\"\n",
+            "sources.s.target",
+        ),
+        (
+            "[worker]\ntarget = \"app\"\n[targets.app]\nurl = \"http://a/\"\nrate_per_s = -1\n",
+            "targets.app.rate_per_s",
+        ),
+        (
+            "[worker]\ntarget = \"app\"\n[targets.app]\nurl = \"http://a/\"\nbreaker_probe_ms = 5000\nbreaker_max_probe_ms = 1000\n",
+            "targets.app.breaker_probe_ms",
+        ),
+        (
+            "[worker]\ntarget = \"app\"\n[targets.app]\nurl = \"http://a/\"\nmax_concurrency = 0\n",
+            "targets.app.max_concurrency",
+        ),
+        ("[targets.app]\nrate_per_s = 1\n", "targets.app.url"),
+        (
+            "[targets.app]\nurl = \"http://a/\"\nburst = 1\n",
+            "targets.app",
+        ),
+        ("[targets.App]\nurl = \"http://a/\"\n", "targets.App"),
     ];
     for (text, key) in cases {
         let f = file(text);
@@ -271,10 +295,51 @@ fn written_settings_load_back_the_same() {
         back.sources["s"].secret.as_ref().map(Secret::expose),
         Some("00123")
     );
-    assert_eq!(
-        back.worker.target.unwrap().url().as_str(),
-        "http://t:1/p?q=1"
+    match back.worker.target {
+        Some(TargetRef::Url(u)) => assert_eq!(u.url().as_str(), "http://t:1/p?q=1"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn targets_are_named_or_given_as_urls_and_resolve_with_their_limits() {
+    let f = file(
+        "[worker]\nhandler = \"http\"\ntarget = \"http://fallback:1/in\"\nconcurrency = 16\n\
+         [targets.app]\nurl = \"http://app:8080/hooks\"\nmax_concurrency = 4\nrate_per_s = 50\n\
+         breaker_failures = 3\nbreaker_probe_ms = 500\nbreaker_max_probe_ms = 8000\n\
+         [sources.gh]\nverify = \"none\"\ntarget = \"app\"\n\
+         [sources.other]\nverify = \"none\"\n",
     );
+    let s = load_with_env(Some(f.path()), env(&[]), Role::Delivers).unwrap();
+    let targets = s.resolved_targets();
+    assert_eq!(targets.len(), 2, "{targets:?}");
+    let app = &targets["app"];
+    assert_eq!(app.queue_id, "app");
+    assert_eq!(app.max_concurrency, 4);
+    assert_eq!(app.rate_per_s, 50.0);
+    assert_eq!(app.breaker_failures, 3);
+    assert_eq!(app.breaker_probe, ms(500));
+    assert_eq!(app.breaker_max_probe, ms(8000));
+    // A URL is a target of its own, with the defaults (max_concurrency:
+    // worker.concurrency) and a queue id no URL character gets into.
+    let fallback = &targets["http://fallback:1/in"];
+    assert_eq!(fallback.max_concurrency, 16);
+    assert_eq!(fallback.rate_per_s, 0.0);
+    assert_eq!(fallback.breaker_failures, 10);
+    assert!(
+        fallback.queue_id.starts_with("url-"),
+        "{}",
+        fallback.queue_id
+    );
+    assert_eq!(s.target_name_of("gh").as_deref(), Some("app"));
+    assert_eq!(
+        s.target_name_of("other").as_deref(),
+        Some("http://fallback:1/in")
+    );
+    // Written and read back, the same.
+    let again = file(&s.to_toml());
+    let back = load_with_env(Some(again.path()), env(&[]), Role::Delivers).unwrap();
+    assert_eq!(format!("{s:?}"), format!("{back:?}"));
 }
 
 #[test]

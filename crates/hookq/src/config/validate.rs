@@ -8,7 +8,7 @@ use std::time::Duration;
 use super::{
     AdminSettings, AmqpSettings, DedupSettings, Error, HandlerKind, IngressSettings, Lookup,
     MAX_BODY_BYTES, MAX_MS, MIN_ADMIN_TOKEN, RetrySettings, SchemeKind, Secret, Settings,
-    SourceSettings, WorkerPartitions, WorkerSettings, standard_key, valid_source_name,
+    SourceSettings, TargetRef, WorkerPartitions, WorkerSettings, standard_key, valid_source_name,
 };
 
 /// What the command being started needs beyond what every command does.
@@ -58,6 +58,7 @@ impl Settings {
         for (name, s) in &mut self.sources {
             source(name, s, env)?;
         }
+        self.targets()?;
         if role == Role::Delivers {
             self.delivery_target()?;
         }
@@ -77,6 +78,76 @@ impl Settings {
                     "worker.target",
                     "handler \"http\" needs a target: set worker.target (or a target on every source, \
                      with allow_unknown_sources off), or use worker.handler = \"log\"",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Settings {
+    /// Each `[targets.NAME]` (a name, a URL, limits that make sense) and
+    /// every reference to a target by name.
+    fn targets(&self) -> Result<(), Error> {
+        for (name, t) in &self.targets {
+            let key = |k: &str| format!("targets.{name}.{k}");
+            if !valid_source_name(name) {
+                return Err(Error::new(
+                    format!("targets.{name}"),
+                    "a target's name is 1 to 64 characters of a-z, 0-9, '_' or '-'",
+                ));
+            }
+            if t.url.is_none() {
+                return Err(Error::new(
+                    key("url"),
+                    "every target needs the URL of the application it delivers to",
+                ));
+            }
+            if let Some(c) = t.max_concurrency {
+                at_least_1(&key("max_concurrency"), c)?;
+            }
+            if !t.rate_per_s.is_finite() || t.rate_per_s < 0.0 {
+                return Err(Error::new(
+                    key("rate_per_s"),
+                    "must be 0 (no limit) or a positive number of requests a second",
+                ));
+            }
+            at_least(
+                &key("breaker_probe_ms"),
+                t.breaker_probe,
+                Duration::from_millis(1),
+            )?;
+            if t.breaker_probe > t.breaker_max_probe {
+                return Err(Error::new(
+                    key("breaker_probe_ms"),
+                    format!(
+                        "{} ms is longer than breaker_max_probe_ms ({} ms): the first wait cannot be the longer",
+                        to_ms(t.breaker_probe),
+                        to_ms(t.breaker_max_probe)
+                    ),
+                ));
+            }
+            if t.breaker_max_probe > Duration::from_millis(MAX_MS) {
+                return Err(Error::new(
+                    key("breaker_max_probe_ms"),
+                    format!("at most {MAX_MS} ms"),
+                ));
+            }
+        }
+        let refs = self
+            .sources
+            .iter()
+            .map(|(n, s)| (format!("sources.{n}.target"), s.target.as_ref()))
+            .chain([("worker.target".to_string(), self.worker.target.as_ref())]);
+        for (key, r) in refs {
+            if let Some(TargetRef::Named(n)) = r
+                && !self.targets.contains_key(n)
+            {
+                return Err(Error::new(
+                    &key,
+                    format!(
+                        "names the target \"{n}\", which is not defined: add [targets.{n}] with its url, or give a URL (http://...)"
+                    ),
                 ));
             }
         }

@@ -272,3 +272,51 @@ pub fn standard_key(raw: &str) -> Result<Vec<u8>, String> {
     }
     Ok(key)
 }
+
+/// Where a source's webhooks go (`worker.target`, `sources.NAME.target`): a
+/// target's name (`[targets.NAME]`), or a URL, which is a target of its own
+/// with the default limits, named by the URL as [`TargetUrl`] shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TargetRef {
+    Named(String),
+    Url(TargetUrl),
+}
+
+impl TargetRef {
+    /// The target's name: its `[targets.NAME]`, or the URL as shown
+    /// (scheme, host, port and path: no query or user info).
+    pub fn name(&self) -> String {
+        match self {
+            Self::Named(n) => n.clone(),
+            Self::Url(u) => u.to_string(),
+        }
+    }
+}
+
+impl From<TargetUrl> for TargetRef {
+    fn from(u: TargetUrl) -> Self {
+        Self::Url(u)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for TargetRef {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <String as serde::Deserialize>::deserialize(d)?;
+        if s.contains("://") {
+            TargetUrl::parse(&s)
+                .map(Self::Url)
+                .map_err(serde::de::Error::custom)
+        } else {
+            Ok(Self::Named(s))
+        }
+    }
+}
+
+impl serde::Serialize for TargetRef {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Self::Named(n) => s.serialize_str(n),
+            Self::Url(u) => u.serialize(s),
+        }
+    }
+}

@@ -1,21 +1,18 @@
 //! The `http` handler: `POST` the original body and headers to the target,
 //! with the Idempotency-Key and hookq's own headers, on a keep-alive client.
 
-use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, SystemTime};
 
 use http::{HeaderName, HeaderValue, header};
 
 use super::Error;
-use crate::config::{SourceSettings, TargetUrl, WorkerSettings};
+use crate::config::{TargetUrl, WorkerSettings};
 use crate::message::Envelope;
 use crate::retry::parse_retry_after;
 
 pub struct Forwarder {
     client: reqwest::Client,
     timeout: Duration,
-    default_target: Option<TargetUrl>,
-    targets: HashMap<String, TargetUrl>,
 }
 
 const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
@@ -89,10 +86,7 @@ pub fn request(
 }
 
 impl Forwarder {
-    pub fn new(
-        worker: &WorkerSettings,
-        sources: &BTreeMap<String, SourceSettings>,
-    ) -> Result<Self, reqwest::Error> {
+    pub fn new(worker: &WorkerSettings) -> Result<Self, reqwest::Error> {
         Ok(Self {
             client: reqwest::Client::builder()
                 .pool_max_idle_per_host(worker.concurrency)
@@ -100,20 +94,17 @@ impl Forwarder {
                 .redirect(reqwest::redirect::Policy::none())
                 .build()?,
             timeout: worker.timeout,
-            default_target: worker.target.clone(),
-            targets: sources
-                .iter()
-                .filter_map(|(n, s)| s.target.clone().map(|t| (n.clone(), t)))
-                .collect(),
         })
     }
 
-    pub async fn deliver(&self, env: &Envelope, attempt: u32) -> Result<u16, Error> {
-        let target = self
-            .targets
-            .get(&env.source)
-            .or(self.default_target.as_ref())
-            .ok_or_else(|| Error::NoTarget(env.source.clone()))?;
+    /// One attempt to `target` (the source's, resolved by the caller).
+    pub async fn deliver(
+        &self,
+        env: &Envelope,
+        attempt: u32,
+        target: Option<&TargetUrl>,
+    ) -> Result<u16, Error> {
+        let target = target.ok_or_else(|| Error::NoTarget(env.source.clone()))?;
         let request = request(target, env, attempt)?;
         let resp = self.client.execute(request).await.map_err(|e| {
             if e.is_timeout() {

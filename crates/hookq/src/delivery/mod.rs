@@ -10,10 +10,9 @@ mod log;
 
 pub use http::request;
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
-use crate::config::{HandlerKind, SourceSettings, WorkerSettings};
+use crate::config::{HandlerKind, TargetUrl, WorkerSettings};
 use crate::message::Envelope;
 
 /// One failed attempt; the retry policy branches on the variant.
@@ -62,25 +61,29 @@ pub enum Delivery {
 }
 
 impl Delivery {
-    /// From the worker's section and each source's own target.
-    pub fn new(
-        worker: &WorkerSettings,
-        sources: &BTreeMap<String, SourceSettings>,
-    ) -> Result<Self, reqwest::Error> {
+    /// From the worker's section (the handler, the timeout).
+    pub fn new(worker: &WorkerSettings) -> Result<Self, reqwest::Error> {
         Ok(match worker.handler {
             HandlerKind::Log => Self::Log,
-            HandlerKind::Http => Self::Http(http::Forwarder::new(worker, sources)?),
+            HandlerKind::Http => Self::Http(http::Forwarder::new(worker)?),
         })
     }
 
-    /// One attempt; `attempt` is 1-based. Ok carries the 2xx status.
-    pub async fn deliver(&self, env: &Envelope, attempt: u32) -> Result<u16, Error> {
+    /// One attempt to `target` (the `http` handler's; see
+    /// [`crate::targets::Targets::for_source`]); `attempt` is 1-based. Ok
+    /// carries the 2xx status.
+    pub async fn deliver(
+        &self,
+        env: &Envelope,
+        attempt: u32,
+        target: Option<&TargetUrl>,
+    ) -> Result<u16, Error> {
         match self {
             Self::Log => {
                 log::print(env, attempt);
                 Ok(200)
             }
-            Self::Http(f) => f.deliver(env, attempt).await,
+            Self::Http(f) => f.deliver(env, attempt, target).await,
         }
     }
 }

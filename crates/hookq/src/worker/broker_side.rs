@@ -74,6 +74,12 @@ impl Republish for BrokerRepublish {
         self.broker.publish_dead(env, REPUBLISH_TIMEOUT).await
     }
 
+    async fn to_hold(&self, target: &str, env: &Envelope) -> Result<(), broker::Error> {
+        self.broker
+            .hold_for_target(target, env, REPUBLISH_TIMEOUT)
+            .await
+    }
+
     async fn done(&self, env: &Envelope) -> Result<(), broker::Error> {
         match &self.done_log {
             Some(log) => {

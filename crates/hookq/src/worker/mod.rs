@@ -33,11 +33,14 @@ use tracing::Instrument;
 pub use process::{Message, Processor, Receipt, Republish};
 
 use crate::broker::{self, Broker};
-use crate::config::{AmqpSettings, DedupSettings, RetrySettings, SourceSettings, WorkerSettings};
+use crate::config::{
+    AmqpSettings, DedupSettings, HandlerKind, RetrySettings, SourceSettings, Target, WorkerSettings,
+};
 use crate::dedup::Dedup;
 use crate::delivery::Delivery;
 use crate::events::Events;
 use crate::retry::Policy;
+use crate::targets::Targets;
 use broker_side::{BrokerRepublish, message};
 use handover::{Activation, DoneLog};
 
@@ -55,6 +58,8 @@ pub struct Config<'a> {
     pub sources: &'a BTreeMap<String, SourceSettings>,
     /// For the prefetch and the delivery limit.
     pub amqp: &'a AmqpSettings,
+    /// Every target, resolved ([`crate::config::Settings::resolved_targets`]).
+    pub targets: BTreeMap<String, Target>,
 }
 
 pub struct Worker {
@@ -106,9 +111,21 @@ struct Partition {
 impl Worker {
     pub fn new(config: Config<'_>, broker: Broker, events: Events) -> anyhow::Result<Arc<Self>> {
         let shutdown = CancellationToken::new();
+        let targets = match config.worker.handler {
+            HandlerKind::Http => Targets::new(
+                config.targets,
+                config.sources,
+                config.worker.target.as_ref(),
+                config.worker.timeout,
+                config.retry.max_delay,
+                &events,
+            ),
+            HandlerKind::Log => Targets::none(),
+        };
         let step = Processor {
             dedup: Arc::new(Dedup::open(config.dedup, events.clone())),
-            delivery: Delivery::new(config.worker, config.sources)?,
+            delivery: Delivery::new(config.worker)?,
+            targets: Arc::new(targets),
             policy: Policy::new(config.retry),
             events,
             deliveries: Semaphore::new(config.worker.concurrency),
@@ -150,6 +167,16 @@ impl Worker {
             let w = self.clone();
             async move { w.housekeeping().await }
         });
+        // The targets' control loop outlives the consumers: a stopping
+        // worker's held deliveries still finish within the limits, and its
+        // goodbye goes out when it is done.
+        let control_stop = CancellationToken::new();
+        let control = tokio::spawn(
+            self.step
+                .targets
+                .clone()
+                .run(self.broker.clone(), control_stop.clone()),
+        );
         let topo = self.broker.topology().clone();
         let done_log = (topo.partitions > 1).then(|| {
             Arc::new(DoneLog::start(
@@ -183,6 +210,8 @@ impl Worker {
         }
         self.stop_consuming(consumers, &tracker, topo.partitions > 1)
             .await;
+        control_stop.cancel();
+        let _ = control.await;
         background.abort();
         let _ = background.await;
         Ok(())

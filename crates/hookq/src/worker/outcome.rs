@@ -11,6 +11,7 @@ use super::process::{Later, Processor, Receipt, Republish};
 use crate::dedup::{Held, Parked};
 use crate::events::Outcome;
 use crate::message::{DeadInfo, Envelope, epoch_ms};
+use crate::targets::{Gate, HoldWhy};
 
 /// The pause before a hand-back, so that a broker or store that keeps failing
 /// does not turn into a hot loop.
@@ -76,6 +77,43 @@ impl Processor {
             }
             Err(e) => {
                 tracing::warn!(error = %e, "could not move the message to its delay queue; handing it back");
+                self.refused(msg, held, env.attempts).await
+            }
+        }
+    }
+
+    /// Moves the message to its target's hold queue with confirm (attempts
+    /// as they are: a hold is not an attempt), parks the claim for that
+    /// copy, then acks.
+    pub(super) async fn hold<S: Receipt, R: Republish>(
+        &self,
+        env: &mut Envelope,
+        gate: &Gate,
+        why: HoldWhy,
+        msg: S,
+        held: &Held<'_>,
+        out: &R,
+    ) -> Outcome {
+        env.probe = false;
+        tracing::debug!(
+            target_name = gate.name(),
+            attempts = env.attempts,
+            why = why.as_str(),
+            "holding the message on the broker"
+        );
+        match out.to_hold(gate.queue_id(), env).await {
+            Ok(()) => {
+                if self
+                    .persist("park", || held.park(env.attempts, Parked::ForItsNextCopy))
+                    .await
+                    .is_none()
+                {
+                    return self.hand_back(msg).await;
+                }
+                ack(msg, Outcome::Held).await
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not move the message to its target's hold queue; handing it back");
                 self.refused(msg, held, env.attempts).await
             }
         }

@@ -29,6 +29,7 @@ use crate::delivery::{self, Delivery};
 use crate::events::{Events, Outcome};
 use crate::message::{DeadInfo, DeadReason, Envelope, epoch_ms, rfc3339_now};
 use crate::retry::{Decision, DelayTier, Failure, Policy};
+use crate::targets::{Admission, Gate, HoldWhy, Observed, Targets};
 
 /// The message's own settlement with the broker.
 pub trait Receipt: Send + Sync + Sized {
@@ -52,6 +53,14 @@ pub trait Republish: Send + Sync {
         expiration: Duration,
     ) -> impl Future<Output = Result<(), broker::Error>> + Send;
     fn to_dead(&self, env: &Envelope) -> impl Future<Output = Result<(), broker::Error>> + Send;
+    /// Into a target's hold queue (its breaker is open, it is paused, or it
+    /// has no room): no attempt spent, released when the target takes
+    /// deliveries again.
+    fn to_hold(
+        &self,
+        target: &str,
+        env: &Envelope,
+    ) -> impl Future<Output = Result<(), broker::Error>> + Send;
     /// With partitions: appends the key to its partition's done-log (with
     /// confirm), after the 2xx is recorded and before the ack.
     fn done(&self, env: &Envelope) -> impl Future<Output = Result<(), broker::Error>> + Send;
@@ -65,6 +74,8 @@ const BUSY_MAX: Duration = Duration::from_secs(1);
 pub struct Processor {
     pub dedup: Arc<Dedup>,
     pub delivery: Delivery,
+    /// Each delivery passes its target's gate.
+    pub targets: Arc<Targets>,
     pub policy: Policy,
     pub events: Events,
     /// Deliveries to the target at once (`worker.concurrency`).
@@ -121,6 +132,9 @@ enum NotStarted {
     /// The store has not renewed this worker's lease: other workers may
     /// soon take its claims over, and a delivery could overlap with theirs.
     StaleLease,
+    /// The target's gate holds it (paused, breaker open, no room): the
+    /// message waits in the target's hold queue.
+    Held(HoldWhy),
 }
 
 impl NotStarted {
@@ -128,6 +142,7 @@ impl NotStarted {
         match self {
             Self::Stopping => "stopping",
             Self::StaleLease => "the dedup store has not renewed this worker's lease",
+            Self::Held(why) => why.as_str(),
         }
     }
 }
@@ -216,13 +231,27 @@ impl Processor {
             }
         }
 
-        match self.deliver_inline(env).await {
+        // A probe is delivered as one only now: any copy republished from
+        // here on (held, delayed, dead) is an ordinary message again.
+        let probe = std::mem::take(&mut env.probe);
+        let gate = self.targets.for_source(&env.source).cloned();
+        match self.deliver_inline(env, gate.as_ref(), probe).await {
             Attempted::Delivered { status, failed } => {
                 self.delivered(env, status, failed, msg, &held, out).await
             }
             Attempted::Failed { error, failed } => {
                 self.failed(env, error, failed, msg, &held, out).await
             }
+            Attempted::NotStarted {
+                why: NotStarted::Held(why),
+                failed,
+            } => match &gate {
+                Some(gate) => {
+                    env.attempts = failed;
+                    self.hold(env, gate, why, msg, &held, out).await
+                }
+                None => self.hand_back(msg).await,
+            },
             // Not started: the claim goes to the message's next copy, and the
             // message back to the queue, for a worker that can deliver it.
             Attempted::NotStarted { why, failed } => {
@@ -389,12 +418,38 @@ impl Processor {
         }
     }
 
-    /// Delivers with the in-process retries the policy allows. Stopping ends
-    /// the retries (the caller parks the message on the broker); an attempt
-    /// under way runs to its end (`worker.timeout_ms`).
-    async fn deliver_inline(&self, env: &Envelope) -> Attempted {
+    /// Delivers with the in-process retries the policy allows, each attempt
+    /// through the target's gate (which may hold the message instead).
+    /// Stopping ends the retries (the caller parks the message on the
+    /// broker); an attempt under way runs to its end (`worker.timeout_ms`).
+    /// A probe (`probe`) that fails spends no attempt: it goes back to the
+    /// hold queue with the rest.
+    async fn deliver_inline(
+        &self,
+        env: &Envelope,
+        gate: Option<&Arc<Gate>>,
+        probe: bool,
+    ) -> Attempted {
         let mut failed = env.attempts;
         loop {
+            let pass = match gate {
+                Some(g) => match g
+                    .admit(probe, self.targets.patience(), &self.shutdown)
+                    .await
+                {
+                    Admission::Go(p) => Some(p),
+                    Admission::Hold(why) => {
+                        let why = NotStarted::Held(why);
+                        return Attempted::NotStarted { why, failed };
+                    }
+                    Admission::Stopping => {
+                        let why = NotStarted::Stopping;
+                        return Attempted::NotStarted { why, failed };
+                    }
+                },
+                None => None,
+            };
+            let was_probe = pass.as_ref().is_some_and(|p| p.is_probe());
             let result = {
                 // The semaphore is never closed: a permit always comes.
                 let _permit = self.deliveries.acquire().await;
@@ -409,14 +464,25 @@ impl Processor {
                     return Attempted::NotStarted { why, failed };
                 }
                 let started = Instant::now();
-                let r = self.delivery.deliver(env, failed + 1).await;
+                let url = gate.map(|g| g.url());
+                let r = self.delivery.deliver(env, failed + 1, url).await;
                 self.events.attempted(started.elapsed());
+                if let Some(pass) = pass {
+                    pass.finish(Observed::of(&r));
+                }
                 r
             };
             let error = match result {
                 Ok(status) => return Attempted::Delivered { status, failed },
                 Err(e) => e,
             };
+            if was_probe
+                && Failure::of(&error).is_retryable()
+                && gate.is_some_and(|g| g.breaker_on())
+            {
+                let why = NotStarted::Held(HoldWhy::Open);
+                return Attempted::NotStarted { why, failed };
+            }
             failed += 1;
             let wait = match self.policy.after_failure(failed, &Failure::of(&error)) {
                 Decision::Inline(d) if !self.shutdown.is_cancelled() => {

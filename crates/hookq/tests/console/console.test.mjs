@@ -142,7 +142,7 @@ try {
   step("the right token shows the stats and the six dead letters; the token is in sessionStorage");
 
   // Nothing the dead letters carry ran or became markup.
-  assert.equal(await page.title(), "hookq · dead letters");
+  assert.equal(await page.title(), "hookq · console");
   assert.equal(await page.locator("#list img, #list script").count(), 0);
   const preview = await page.textContent("#list tbody tr td.preview");
   assert.ok(preview.includes("<img src=x"), preview);
@@ -251,8 +251,30 @@ try {
   assert.equal(delivered.size, 6);
   step("the target received each of the six webhooks exactly once");
 
+  // The targets panel: pause and resume the target from the console.
+  const row = `#targets tr[data-target="${targetUrl}"]`;
+  await page.waitForSelector(`${row} .state.closed`);
+  await page.click(`${row} button`);
+  await page.waitForSelector(`${row} .state.paused`);
+  step("pausing the target in the console shows it paused");
+  const held = await fetch(`${base}/hooks/shop`, {
+    method: "POST",
+    headers: { "content-type": "application/json", "idempotency-key": "paused-1" },
+    body: "{}",
+  });
+  assert.equal(held.status, 202);
+  await until("the webhook held", async () => (await api("/admin/targets")).body.targets[0].held === 1);
+  await page.waitForFunction((sel) => document.querySelector(sel + ' td[data-label="Held"]').textContent === "1", row, { timeout: 10000 });
+  await page.screenshot({ path: join(SHOTS, "targets.png") });
+  assert.equal(delivered.get("shop:paused-1") || 0, 0, "delivered while paused");
+  step("a webhook sent while the target is paused is held, shown as held, not delivered");
+  await page.click(`${row} button`);
+  await page.waitForSelector(`${row} .state.closed`);
+  await until("the held webhook delivered", () => delivered.get("shop:paused-1") === 1);
+  step("resuming shows it closed and delivers the held webhook once");
+
   assert.deepEqual(dialogs, [], "no dialog was opened by a dead letter");
-  assert.equal(await page.title(), "hookq · dead letters");
+  assert.equal(await page.title(), "hookq · console");
   assert.deepEqual(consoleErrors.filter((e) => !e.includes("401")), [], `no script error (CSP refusals included): ${consoleErrors.join(" | ")}`);
   step("no dialog, no script error, no Content-Security-Policy refusal");
   await desktop.close();

@@ -82,9 +82,11 @@ async fn fifty_reads_of_the_dead_letters_keep_them() {
     // The raw get's message goes back when its connection closes, which a
     // quorum queue applies a moment later: wait for it before reading again.
     let dead = env.topology().dead();
-    wait_until(Duration::from_secs(10), "the raw read's message back", || async {
-        env.queue_len(&dead).await == 3
-    })
+    wait_until(
+        Duration::from_secs(10),
+        "the raw read's message back",
+        || async { env.queue_len(&dead).await == 3 },
+    )
     .await;
     let rows = hookq::dead_letters::rows(&broker, None).await.unwrap();
     let mut left: Vec<_> = rows.into_iter().map(|r| r.message_id).collect();

@@ -160,7 +160,13 @@ async fn a_retry_after_in_the_year_9999_is_clamped_and_counts() {
             .into_response()
     })
     .await;
-    let mut env = TestEnv::new("ra9999").with_target(&target.url);
+    // The breaker off: a failed probe spends its attempt, so the message
+    // reaches its last one (with it on, the message is held instead).
+    let no_breaker = hookq::config::TargetSettings {
+        breaker_failures: 0,
+        ..Default::default()
+    };
+    let mut env = TestEnv::new("ra9999").with_named_target("app", &target.url, no_breaker);
     env.settings.retry.max_attempts = 3;
     env.settings.retry.inline_attempts_set = Some(1);
     env.settings.retry.delays = [100].map(Duration::from_millis).to_vec();

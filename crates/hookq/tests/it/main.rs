@@ -20,3 +20,4 @@ mod process;
 mod security;
 mod shovel;
 mod soak;
+mod targets;

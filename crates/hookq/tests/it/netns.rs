@@ -217,8 +217,11 @@ async fn a_host_cut_off_from_the_broker_loses_nothing() {
                 s.amqp.urls = vec![
                     AmqpUrl::parse(&format!("amqp://guest:guest@{amqp}/%2f?heartbeat=2")).unwrap(),
                 ];
-                s.worker.target =
-                    Some(TargetUrl::parse(&format!("http://{http}/webhooks")).unwrap());
+                s.worker.target = Some(
+                    TargetUrl::parse(&format!("http://{http}/webhooks"))
+                        .unwrap()
+                        .into(),
+                );
                 s.worker.metrics_listen = format!("{inside}:0").parse().unwrap();
                 s.dedup.path = store_a;
             },

@@ -329,7 +329,9 @@ async fn topology_is_idempotent_and_refuses_changed_arguments_clearly() {
     let first = b.declare_topology().await.unwrap();
     let second = b.declare_topology().await.unwrap();
     assert_eq!(first.len(), second.len());
-    assert_eq!(first.len(), 2 + 1 + 3 + 1);
+    // Exchanges (main, dead, control), the work queue, three delay tiers,
+    // the dead-letter queue; no targets in this configuration.
+    assert_eq!(first.len(), 3 + 1 + 3 + 1);
 
     let mut changed = env.settings.clone();
     changed.amqp.delivery_limit = 7;

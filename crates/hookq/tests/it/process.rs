@@ -14,6 +14,7 @@ use hookq::delivery::Delivery;
 use hookq::events::{Events, Outcome};
 use hookq::message::{DeadReason, DedupKey, Envelope};
 use hookq::retry::{DelayTier, Policy};
+use hookq::targets::Targets;
 use hookq::worker::{Message, Processor, Receipt, Republish};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -57,6 +58,7 @@ struct FakeOut {
     refuse: std::sync::atomic::AtomicBool,
     delayed: Mutex<Vec<(DelayTier, Envelope)>>,
     dead: Mutex<Vec<Envelope>>,
+    held: Mutex<Vec<(String, Envelope)>>,
     fail_appends: std::sync::atomic::AtomicU32,
     appended: Mutex<Vec<String>>,
 }
@@ -76,6 +78,13 @@ impl Republish for FakeOut {
     }
     async fn to_dead(&self, env: &Envelope) -> Result<(), broker::Error> {
         self.dead.lock().unwrap().push(env.clone());
+        Ok(())
+    }
+    async fn to_hold(&self, target: &str, env: &Envelope) -> Result<(), broker::Error> {
+        self.held
+            .lock()
+            .unwrap()
+            .push((target.to_string(), env.clone()));
         Ok(())
     }
     async fn done(&self, env: &Envelope) -> Result<(), broker::Error> {
@@ -110,8 +119,12 @@ fn rig(target: &FakeTarget, max_attempts: u32, inline_attempts: u32) -> Rig {
         ..Default::default()
     };
     let worker = WorkerSettings {
-        target: Some(TargetUrl::parse(&target.url).unwrap()),
+        target: Some(TargetUrl::parse(&target.url).unwrap().into()),
         timeout: ms(2000),
+        ..Default::default()
+    };
+    let settings = hookq::config::Settings {
+        worker: worker.clone(),
         ..Default::default()
     };
     let retry = RetrySettings {
@@ -124,7 +137,18 @@ fn rig(target: &FakeTarget, max_attempts: u32, inline_attempts: u32) -> Rig {
     };
     let step = Processor {
         dedup: Arc::new(Dedup::open(&dedup, Events::new([]))),
-        delivery: Delivery::new(&worker, &Default::default()).unwrap(),
+        delivery: Delivery::new(&worker).unwrap(),
+        targets: Arc::new(
+            Targets::new(
+                settings.resolved_targets(),
+                &settings.sources,
+                worker.target.as_ref(),
+                worker.timeout,
+                retry.max_delay,
+                &Events::new([]),
+            )
+            .without_peers(),
+        ),
         policy: Policy::new(&retry),
         events: Events::new([]),
         deliveries: Semaphore::new(4),

@@ -179,7 +179,27 @@ impl TestEnv {
 
     pub fn with_target(mut self, url: &str) -> Self {
         self.settings.worker.handler = HandlerKind::Http;
-        self.settings.worker.target = Some(TargetUrl::parse(url).unwrap());
+        self.settings.worker.target = Some(TargetUrl::parse(url).unwrap().into());
+        self
+    }
+
+    /// Every source delivered to the named target `name` at `url`, with
+    /// `limits` (its url set here).
+    pub fn with_named_target(
+        mut self,
+        name: &str,
+        url: &str,
+        limits: hookq::config::TargetSettings,
+    ) -> Self {
+        self.settings.worker.handler = HandlerKind::Http;
+        self.settings.targets.insert(
+            name.to_string(),
+            hookq::config::TargetSettings {
+                url: Some(TargetUrl::parse(url).unwrap()),
+                ..limits
+            },
+        );
+        self.settings.worker.target = Some(hookq::config::TargetRef::Named(name.to_string()));
         self
     }
 

@@ -107,6 +107,46 @@ async function loadStats() {
   );
 }
 
+// ---- targets --------------------------------------------------------------
+
+function targetRow(t) {
+  const paused = t.state === "paused";
+  const button = el("button", {
+    type: "button",
+    class: paused ? "secondary" : "danger",
+    text: paused ? "Resume" : "Pause",
+  });
+  button.setAttribute("aria-label", (paused ? "Resume " : "Pause ") + t.name);
+  button.addEventListener("click", async () => {
+    button.disabled = true;
+    clearError();
+    try {
+      const action = paused ? "resume" : "pause";
+      await api("/admin/targets/" + encodeURIComponent(t.name) + "/" + action, { method: "POST" });
+      await loadTargets();
+    } catch (e) { showError(e); button.disabled = false; }
+  });
+  const name = el("td", { data: { label: "Target" } },
+    el("div", { text: t.name }), el("div", { class: "muted", text: t.url }));
+  const state = el("td", { data: { label: "State" } },
+    el("span", { class: "state " + t.state, text: t.state.replace("_", " ") }));
+  const rate = t.rate_per_s > 0 ? ", " + t.rate_per_s + "/s" : "";
+  return el("tr", { data: { target: t.name } },
+    name, state,
+    cell("In flight", t.in_flight),
+    cell("Limit", t.limit + " of " + t.max_concurrency + rate),
+    cell("Held", t.held),
+    cell("Workers", t.workers),
+    el("td", { class: "buttons" }, button));
+}
+
+async function loadTargets() {
+  const v = await api("/admin/targets");
+  const rows = v.targets.map(targetRow);
+  if (!rows.length) rows.push(el("tr", {}, el("td", { colSpan: 7, class: "muted", text: "No targets configured." })));
+  $("targets").tBodies[0].replaceChildren(...rows);
+}
+
 // ---- the list -------------------------------------------------------------
 
 function readFilter() {
@@ -188,8 +228,14 @@ async function loadList() {
 
 async function refresh() {
   clearError();
-  await Promise.all([loadStats(), loadList()]);
+  await Promise.all([loadTargets(), loadStats(), loadList()]);
 }
+
+// The targets' states change on their own (a breaker opens, a probe goes
+// out): look again every few seconds while the list is shown.
+setInterval(() => {
+  if (document.body.dataset.view === "list-view" && token()) loadTargets().catch(() => {});
+}, 3000);
 
 // ---- detail ---------------------------------------------------------------
 

@@ -259,6 +259,10 @@ fn queues_and_streams(topo: &Topology) -> Vec<(String, FieldTable, &'static str)
             queues.push((topo.done(i), topo.done_args(), "stream"));
         }
     }
+    for t in &topo.targets {
+        queues.push((topo.hold(t), topo.kept_args(), "queue"));
+        queues.push((topo.paused(t), topo.kept_args(), "queue"));
+    }
     queues
 }
 
@@ -281,6 +285,7 @@ impl Declaring<'_> {
         if topo.partitions > 1 {
             exchanges.push((topo.returns(), ExchangeKind::Headers, "exchange (headers)"));
         }
+        exchanges.push((topo.control(), ExchangeKind::Fanout, "exchange (fanout)"));
         for (name, kind, shown) in exchanges {
             self.channel
                 .exchange_declare(

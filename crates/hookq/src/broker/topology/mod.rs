@@ -51,6 +51,9 @@ pub struct Topology {
     pub partitions: u32,
     /// How long a done-log keeps its records (`dedup.retention_ms`).
     pub retention: Duration,
+    /// The targets' queue ids (see [`crate::config::Target::queue_id`]):
+    /// each has a hold queue and a pause queue.
+    pub targets: Vec<String>,
 }
 
 /// A tier's name: the delay in the largest unit (h, m, s, ms) that writes it exactly.
@@ -70,7 +73,13 @@ impl crate::config::Settings {
     /// arguments, delay tiers, partitions): the one way from settings to a
     /// topology, for every part and tool.
     pub fn topology(&self) -> Topology {
-        Topology::new(&self.amqp, &Policy::new(&self.retry), self.dedup.retention)
+        let mut t = Topology::new(&self.amqp, &Policy::new(&self.retry), self.dedup.retention);
+        t.targets = self
+            .resolved_targets()
+            .into_values()
+            .map(|t| t.queue_id)
+            .collect();
+        t
     }
 }
 
@@ -83,6 +92,7 @@ impl Topology {
             tiers: policy.tiers(),
             partitions: amqp.partitions.max(1),
             retention,
+            targets: Vec::new(),
         }
     }
 
@@ -153,6 +163,24 @@ impl Topology {
         format!("{}.dead", self.prefix)
     }
 
+    /// The fanout exchange workers tell each other their targets' state on
+    /// (each listens on an exclusive queue of its own).
+    pub fn control(&self) -> String {
+        format!("{}.control", self.prefix)
+    }
+
+    /// A target's hold queue: its messages while its breaker is open or it
+    /// is paused, kept without spending an attempt.
+    pub fn hold(&self, target: &str) -> String {
+        format!("{}.hold.{target}", self.prefix)
+    }
+
+    /// A target's pause queue: it holds a message (who paused it, when)
+    /// while an operator has the target paused, and is empty otherwise.
+    pub fn paused(&self, target: &str) -> String {
+        format!("{}.paused.{target}", self.prefix)
+    }
+
     /// Every queue and stream, for cleanup and printing.
     pub fn queues(&self) -> Vec<String> {
         let mut q = self.works();
@@ -160,6 +188,10 @@ impl Topology {
         q.push(self.dead());
         if self.partitioned() {
             q.extend((0..self.partitions).map(|i| self.done(i)));
+        }
+        for t in &self.targets {
+            q.push(self.hold(t));
+            q.push(self.paused(t));
         }
         q
     }
@@ -170,6 +202,7 @@ impl Topology {
         if self.partitioned() {
             x.push(self.returns());
         }
+        x.push(self.control());
         x
     }
 
@@ -244,6 +277,12 @@ impl Topology {
             );
         }
         t
+    }
+
+    /// A hold or pause queue: nothing expires or dead-letters from it, and
+    /// reading it never drops a message (the delivery limit of `P.dead`).
+    pub fn kept_args(&self) -> FieldTable {
+        self.dead_args()
     }
 
     /// A done-log: a stream that forgets records older than the retention.

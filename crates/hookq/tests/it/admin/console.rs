@@ -37,7 +37,11 @@ async fn the_console_in_a_browser_lists_shows_and_moves_back() {
     let mut env = admin_env("console");
     env.settings.worker.handler = HandlerKind::Http;
     // The script starts its own target and points hookq at it.
-    env.settings.worker.target = Some(TargetUrl::parse("http://127.0.0.1:9/unused").unwrap());
+    env.settings.worker.target = Some(
+        TargetUrl::parse("http://127.0.0.1:9/unused")
+            .unwrap()
+            .into(),
+    );
     env.settings.retry.max_attempts = 2;
     env.settings.retry.inline_attempts_set = Some(1);
     let config = env.config_file().expect("a config file");

@@ -1,0 +1,97 @@
+//! A worker's share of a target's `rate_per_s`, as evenly spaced start times:
+//! one request every `1 / rate` seconds, no burst saved up while idle. Evenly
+//! spaced starts keep any one-second window within one request of the share,
+//! so workers together stay within one request each of the target's rate.
+//! (A token bucket would allow a burst of its size at the start of every
+//! window; `governor` and peers fix the rate at construction, and a share
+//! changes whenever workers come and go.)
+
+use std::time::{Duration, Instant};
+
+#[derive(Debug)]
+pub struct Pace {
+    /// Seconds between two starts; `None`: no limit.
+    interval: Option<Duration>,
+    /// The earliest start of the next request.
+    next: Option<Instant>,
+}
+
+impl Pace {
+    pub fn new(rate_per_s: f64) -> Self {
+        let mut p = Self {
+            interval: None,
+            next: None,
+        };
+        p.set_rate(rate_per_s);
+        p
+    }
+
+    /// A new share; 0 (or less) turns the pace off.
+    pub fn set_rate(&mut self, rate_per_s: f64) {
+        self.interval = (rate_per_s > 0.0 && rate_per_s.is_finite())
+            .then(|| Duration::from_secs_f64(1.0 / rate_per_s));
+    }
+
+    pub fn is_limited(&self) -> bool {
+        self.interval.is_some()
+    }
+
+    /// How long a request asked for now would wait for its start.
+    pub fn wait(&self, now: Instant) -> Duration {
+        match (self.interval, self.next) {
+            (Some(_), Some(next)) => next.saturating_duration_since(now),
+            _ => Duration::ZERO,
+        }
+    }
+
+    /// Takes the next start time; the caller sleeps until it.
+    pub fn take(&mut self, now: Instant) -> Instant {
+        let Some(interval) = self.interval else {
+            return now;
+        };
+        let at = self.next.map_or(now, |n| n.max(now));
+        self.next = Some(at + interval);
+        at
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn starts_are_spaced_and_idle_time_is_not_saved_up() {
+        let t0 = Instant::now();
+        let mut p = Pace::new(10.0);
+        let starts: Vec<Duration> = (0..5).map(|_| p.take(t0) - t0).collect();
+        let ms: Vec<u128> = starts.iter().map(Duration::as_millis).collect();
+        assert_eq!(ms, [0, 100, 200, 300, 400]);
+        // Ten idle seconds later: no burst.
+        let later = t0 + Duration::from_secs(10);
+        assert_eq!(p.take(later), later);
+        assert_eq!(p.take(later) - later, Duration::from_millis(100));
+        assert_eq!(p.wait(later), Duration::from_millis(200));
+    }
+
+    #[test]
+    fn zero_is_no_limit() {
+        let now = Instant::now();
+        let mut p = Pace::new(0.0);
+        assert!(!p.is_limited());
+        assert_eq!(p.take(now), now);
+        assert_eq!(p.take(now), now);
+    }
+
+    #[test]
+    fn any_one_second_window_holds_at_most_one_over_the_rate() {
+        let t0 = Instant::now();
+        let mut p = Pace::new(50.0);
+        let starts: Vec<Instant> = (0..500).map(|_| p.take(t0)).collect();
+        for w in 0..90 {
+            let from = t0 + Duration::from_millis(w * 100);
+            let to = from + Duration::from_secs(1);
+            let n = starts.iter().filter(|s| **s >= from && **s < to).count();
+            assert!(n <= 51, "window {w}: {n}");
+        }
+    }
+}
