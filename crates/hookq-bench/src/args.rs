@@ -81,6 +81,15 @@ pub struct BenchArgs {
     /// many partitions, against 1 worker on 1 partition (0: skip).
     #[arg(long, default_value_t = 0)]
     pub partitions: u32,
+    /// Deliver to a named target with this `rate_per_s` (across workers)
+    /// instead of a bare URL: what a limited target costs, against a run
+    /// without. A rate above what the worker reaches measures the pacing's
+    /// cost without slowing the run.
+    #[arg(long)]
+    pub target_rate: Option<f64>,
+    /// Deliver to a named target with this `max_concurrency`.
+    #[arg(long)]
+    pub target_max_concurrency: Option<usize>,
     #[arg(long)]
     pub json: bool,
 }

@@ -152,6 +152,10 @@ async fn broker_restart_during_a_hold_keeps_the_pause_and_the_messages() {
         c.get("/readyz").await.status() == 200
     })
     .await;
+    wait_until(t, "the test's own broker handle back", || async {
+        env.broker().await.is_ready()
+    })
+    .await;
     for i in 0..10 {
         keys.push(c.send("s", &format!("after-{i}"), "{}").await);
     }

@@ -190,6 +190,23 @@ pub async fn bench(settings: &Settings, args: &BenchArgs) -> anyhow::Result<Repo
     let mut sandbox = Sandbox::new(settings, "bench").context("cannot make a scratch directory")?;
     sandbox.settings.worker.handler = HandlerKind::Http;
     sandbox.settings.worker.target = Some(target_url(&sink)?.into());
+    if args.target_rate.is_some() || args.target_max_concurrency.is_some() {
+        let limits = hookq::config::TargetSettings {
+            url: Some(target_url(&sink)?),
+            rate_per_s: args.target_rate.unwrap_or(0.0),
+            max_concurrency: args.target_max_concurrency,
+            ..Default::default()
+        };
+        say(format_args!(
+            "the worker delivers to a limited target: rate_per_s {}, max_concurrency {}",
+            limits.rate_per_s,
+            limits
+                .max_concurrency
+                .map_or("worker.concurrency".into(), |c| c.to_string())
+        ));
+        sandbox.settings.targets.insert("bench".into(), limits);
+        sandbox.settings.worker.target = Some(hookq::config::TargetRef::Named("bench".into()));
+    }
     let phases = async {
         sandbox.broker().await?;
         let hand_ingress = hand::hand_ingress(&sandbox, args, &body).await?;
