@@ -91,6 +91,12 @@ fn usage_error(a: &BenchArgs, s: &Settings) -> Option<String> {
     if a.partitions == 1 || a.partitions > 1024 {
         return Some("--partitions must be 0 (skip) or between 2 and 1024".into());
     }
+    if a.target_rate.is_some_and(|r| !(r.is_finite() && r >= 0.0)) {
+        return Some("--target-rate must be a number of at least 0 (0: no limit)".into());
+    }
+    if a.target_max_concurrency == Some(0) {
+        return Some("--target-max-concurrency must be at least 1".into());
+    }
     None
 }
 
@@ -383,6 +389,8 @@ mod tests {
             body_bytes: 1024,
             lru_keys: 0,
             partitions: 0,
+            target_rate: None,
+            target_max_concurrency: None,
             json: false,
         };
         assert_eq!(usage_error(&ok, &s), None);
@@ -414,6 +422,20 @@ mod tests {
                     ..ok.clone()
                 },
                 "--body-bytes",
+            ),
+            (
+                BenchArgs {
+                    target_rate: Some(f64::NAN),
+                    ..ok.clone()
+                },
+                "--target-rate",
+            ),
+            (
+                BenchArgs {
+                    target_max_concurrency: Some(0),
+                    ..ok.clone()
+                },
+                "--target-max-concurrency",
             ),
         ] {
             assert!(usage_error(&bad, &s).is_some_and(|m| m.contains(flag)));

@@ -7,7 +7,8 @@
 //! millisecond delay tiers so that five attempts take milliseconds, not the
 //! production tiers' minutes. The run ends when the worker's events say every
 //! webhook was delivered or dead-lettered; the target's own tally says what it
-//! saw (a 2xx twice would be a broken promise).
+//! saw (a 2xx twice would be a broken promise). The target's breaker is off
+//! here: `--outage-s` shows what it changes.
 
 mod flaky;
 mod outage;
@@ -28,7 +29,7 @@ use crate::stats::{ms, quantile};
 use flaky::KeyRecord;
 use hookq::cli::print;
 use hookq::cli::progress::Progress;
-use hookq::config::{HandlerKind, Settings, TargetUrl};
+use hookq::config::{HandlerKind, Settings, TargetRef, TargetSettings, TargetUrl};
 use hookq::events::{Event, Outcome};
 use hookq::system::Parts;
 use hookq_testkit::FakeTarget;
@@ -138,11 +139,18 @@ pub async fn simulate(settings: &Settings, args: &SimulateArgs) -> anyhow::Resul
         Sandbox::new(settings, "sim").context("cannot make the simulation's scratch directory")?;
     let s = &mut sandbox.settings;
     s.worker.handler = HandlerKind::Http;
-    s.worker.target = Some(
-        TargetUrl::parse(&target.url)
-            .map_err(anyhow::Error::msg)?
-            .into(),
+    // The breaker off: a run of failures would hold the messages instead of
+    // spending their attempts, and the figures here are the retry policy's
+    // (`--outage-s` compares the breaker on and off).
+    s.targets.insert(
+        "flaky".into(),
+        TargetSettings {
+            url: Some(TargetUrl::parse(&target.url).map_err(anyhow::Error::msg)?),
+            breaker_failures: 0,
+            ..Default::default()
+        },
     );
+    s.worker.target = Some(TargetRef::Named("flaky".into()));
     s.worker.timeout = SIM_TIMEOUT;
     s.retry.max_attempts = args.max_attempts;
     s.retry.inline_attempts_set = Some(args.max_attempts.min(2));
