@@ -278,6 +278,8 @@ async fn bench_json_has_every_figure() {
         "hand_forwarder_per_s",
         "hand_forwarder_cpu_us",
         "ingress_vs_hand",
+        "ingress_vs_same",
+        "hand_same_ingress_per_s",
         "worker_vs_hand",
         "dlq_list_per_s",
         "shovel_per_s",

@@ -2,7 +2,9 @@
 //! of hookq around it, on connections of its own. The raw broker's ceiling
 //! (publish with pipelined confirms; consume with acks), and the few lines a
 //! user would write by hand instead of hookq: an ingress (axum, one channel
-//! in confirm mode, publish the body, await the confirm, 202) and a forwarder
+//! in confirm mode, publish the body, await the confirm, 202; and the same
+//! publishing hookq's message, to tell what the message costs the broker from
+//! what hookq's code costs) and a forwarder
 //! (one channel, POST each delivery's body with a keep-alive client, ack after
 //! the 2xx).
 //!
@@ -21,10 +23,13 @@ use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
+    ConfirmSelectOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions,
+    QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
+};
 use tokio_util::sync::CancellationToken;
 
 use hookq::broker::{Error, codec};
@@ -33,7 +38,7 @@ use hookq::broker::{Error, codec};
 const HAND_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
 use crate::stats::serve_local;
 use hookq::config::{AmqpUrl, TargetUrl};
-use hookq::message::Envelope;
+use hookq::message::{DedupKey, Envelope};
 
 async fn connect(url: &AmqpUrl, name: &str) -> Result<Connection, Error> {
     let props = ConnectionProperties::default().with_connection_name(name.into());
@@ -297,35 +302,87 @@ pub async fn delete_queue(url: &AmqpUrl, queue: &str) -> Result<(), Error> {
     Ok(())
 }
 
-/// The hand-written ingress, running until `stop`: any `POST` publishes its
-/// body persistently to `queue` (declared here) on one confirm-mode channel,
-/// and answers 202 once the broker confirmed it, 503 otherwise.
+/// What the hand-written ingress publishes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Shape {
+    /// The body alone, persistent, through the default exchange straight
+    /// into the queue: what a user would write first.
+    Bare,
+    /// hookq's own message (its properties and headers, the forwarded
+    /// request headers included), `mandatory`, through a topic exchange
+    /// bound to the queue with `#` as hookq's work queue is: what the
+    /// contract's message costs the broker, without hookq's code around it.
+    Hookq,
+}
+
+/// The hand-written ingress, running until `stop`: any `POST` publishes (as
+/// `shape` says) to `queue` (declared here, with its exchange for
+/// [`Shape::Hookq`]: `<queue>.x`) on one confirm-mode channel, and answers
+/// 202 once the broker confirmed it, 503 otherwise.
 pub async fn hand_ingress(
     url: &AmqpUrl,
     queue: &str,
     queue_type: &str,
+    shape: Shape,
     stop: CancellationToken,
 ) -> anyhow::Result<SocketAddr> {
     struct Hand {
         channel: Channel,
         queue: String,
+        exchange: String,
+        shape: Shape,
         _connection: Connection,
     }
-    async fn publish(State(h): State<Arc<Hand>>, body: Bytes) -> StatusCode {
-        let props = BasicProperties::default().with_delivery_mode(2);
-        let published = h
-            .channel
-            .basic_publish(
-                "".into(),
-                h.queue.as_str().into(),
-                BasicPublishOptions::default(),
-                &body,
-                props,
-            )
-            .await;
+    async fn publish(
+        State(h): State<Arc<Hand>>,
+        headers: axum::http::HeaderMap,
+        body: Bytes,
+    ) -> StatusCode {
+        let published = match h.shape {
+            Shape::Bare => {
+                let props = BasicProperties::default().with_delivery_mode(2);
+                h.channel
+                    .basic_publish(
+                        "".into(),
+                        h.queue.as_str().into(),
+                        BasicPublishOptions::default(),
+                        &body,
+                        props,
+                    )
+                    .await
+            }
+            Shape::Hookq => {
+                let content_type = headers
+                    .get(axum::http::header::CONTENT_TYPE)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string);
+                let id = hookq::message::MessageId::new();
+                let key = DedupKey(format!("bench:{}", id.0));
+                let env = Envelope::received(
+                    "bench",
+                    key,
+                    body,
+                    content_type,
+                    hookq::message::forwardable_headers(headers),
+                );
+                let opts = BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                };
+                h.channel
+                    .basic_publish(
+                        h.exchange.as_str().into(),
+                        "source.bench".into(),
+                        opts,
+                        &env.body,
+                        codec::encode(&env),
+                    )
+                    .await
+            }
+        };
         match published {
             Ok(confirm) => match confirm.await {
-                Ok(Confirmation::Ack(_)) => StatusCode::ACCEPTED,
+                Ok(Confirmation::Ack(None)) => StatusCode::ACCEPTED,
                 _ => StatusCode::SERVICE_UNAVAILABLE,
             },
             Err(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -334,18 +391,55 @@ pub async fn hand_ingress(
     let connection = connect(url, "hookq-bench-hand-ingress").await?;
     let channel = connection.create_channel().await?;
     declare(&channel, queue, queue_type).await?;
+    let exchange = format!("{queue}.x");
+    if shape == Shape::Hookq {
+        let durable = ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        channel
+            .exchange_declare(
+                exchange.as_str().into(),
+                ExchangeKind::Topic,
+                durable,
+                FieldTable::default(),
+            )
+            .await?;
+        channel
+            .queue_bind(
+                queue.into(),
+                exchange.as_str().into(),
+                "#".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+    }
     channel
         .confirm_select(ConfirmSelectOptions::default())
         .await?;
     let hand = Arc::new(Hand {
         channel,
         queue: queue.to_string(),
+        exchange,
+        shape,
         _connection: connection,
     });
     let router = axum::Router::new()
         .fallback(axum::routing::post(publish))
         .with_state(hand);
     serve_local(router, stop).await
+}
+
+/// Deletes an exchange a baseline declared.
+pub async fn delete_exchange(url: &AmqpUrl, exchange: &str) -> Result<(), Error> {
+    let connection = connect(url, "hookq-bench-cleanup").await?;
+    let channel = connection.create_channel().await?;
+    channel
+        .exchange_delete(exchange.into(), ExchangeDeleteOptions::default())
+        .await?;
+    let _ = connection.close(200, "done".into()).await;
+    Ok(())
 }
 
 /// The hand-written forwarder: consumes `count` messages from `queue` (up to

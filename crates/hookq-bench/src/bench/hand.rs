@@ -6,6 +6,7 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 
+use super::baselines::Shape;
 use super::load::{IngressFigures, load};
 use super::probe::{cpu_time, cpu_us_per};
 use super::{STALL, baselines, first_url, per_s, say};
@@ -18,22 +19,37 @@ fn hand_queue(sandbox: &Sandbox) -> String {
     format!("{}.hand", sandbox.settings.amqp.prefix)
 }
 
-/// Deletes the hand-written baselines' queue, if a failed run left it.
+/// The queue the hand-written ingress of hookq's message fills (through its
+/// exchange, `<queue>.x`); nothing drains it.
+fn same_queue(sandbox: &Sandbox) -> String {
+    format!("{}.hand-same", sandbox.settings.amqp.prefix)
+}
+
+/// Deletes the hand-written baselines' queues and exchange, if left.
 pub(super) async fn remove_hand_queue(sandbox: &Sandbox) {
     if let Some(url) = sandbox.settings.amqp.urls.first() {
         let _ = baselines::delete_queue(url, &hand_queue(sandbox)).await;
+        let same = same_queue(sandbox);
+        let _ = baselines::delete_queue(url, &same).await;
+        let _ = baselines::delete_exchange(url, &format!("{same}.x")).await;
     }
 }
 
 /// The hand-written ingress (see [`baselines::hand_ingress`]) under the same
-/// load as hookq's; it leaves its backlog for [`hand_forwarder`].
+/// load as hookq's. The bare one leaves its backlog for [`hand_forwarder`];
+/// the backlog of the one publishing hookq's message is deleted at once.
 pub(super) async fn hand_ingress(
     sandbox: &Sandbox,
     args: &BenchArgs,
     body: &[u8],
+    shape: Shape,
 ) -> anyhow::Result<IngressFigures> {
     say(format_args!(
-        "hand-written ingress: {} POSTs of {} bytes over {} connections",
+        "hand-written ingress ({}): {} POSTs of {} bytes over {} connections",
+        match shape {
+            Shape::Bare => "a bare message",
+            Shape::Hookq => "hookq's message",
+        },
         args.messages,
         body.len(),
         args.connections
@@ -42,14 +58,23 @@ pub(super) async fn hand_ingress(
     let stop = CancellationToken::new();
     let _stop = stop.clone().drop_guard();
     let queue_type = sandbox.settings.amqp.queue_type.as_str();
-    let addr = baselines::hand_ingress(url, &hand_queue(sandbox), queue_type, stop).await?;
-    load(
+    let queue = match shape {
+        Shape::Bare => hand_queue(sandbox),
+        Shape::Hookq => same_queue(sandbox),
+    };
+    let addr = baselines::hand_ingress(url, &queue, queue_type, shape, stop).await?;
+    let figures = load(
         &format!("http://{addr}/hooks/bench"),
         args,
         body,
         "the hand-written ingress",
     )
-    .await
+    .await;
+    if shape == Shape::Hookq {
+        baselines::delete_queue(url, &queue).await?;
+        baselines::delete_exchange(url, &format!("{queue}.x")).await?;
+    }
+    figures
 }
 
 /// The hand-written forwarder (see [`baselines::hand_forwarder`]) draining

@@ -47,6 +47,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 
 use crate::args::BenchArgs;
+use baselines::Shape;
 use hookq::cli::print;
 use hookq::config::{HandlerKind, Settings};
 use hookq::message::{DedupKey, Envelope};
@@ -173,6 +174,7 @@ fn sample(body: &[u8], key: &str) -> Envelope {
 /// What the phases on the bench's prefix measured.
 struct Measured {
     hand_ingress: load::IngressFigures,
+    hand_same: load::IngressFigures,
     ingress: load::IngressFigures,
     worker: phases::WorkerFigures,
     hand_forwarder: hand::ForwardFigures,
@@ -215,7 +217,8 @@ pub async fn bench(settings: &Settings, args: &BenchArgs) -> anyhow::Result<Repo
     }
     let phases = async {
         sandbox.broker().await?;
-        let hand_ingress = hand::hand_ingress(&sandbox, args, &body).await?;
+        let hand_ingress = hand::hand_ingress(&sandbox, args, &body, Shape::Bare).await?;
+        let hand_same = hand::hand_ingress(&sandbox, args, &body, Shape::Hookq).await?;
         let ingress = phases::ingress(&sandbox, args, &body).await?;
         let worker = phases::worker(&sandbox, &sink, &ingress.keys).await?;
         let hand_count = u32::try_from(hand_ingress.keys.len()).unwrap_or(u32::MAX);
@@ -225,6 +228,7 @@ pub async fn bench(settings: &Settings, args: &BenchArgs) -> anyhow::Result<Repo
         let e2e = phases::e2e(&sandbox, &sink, args, &body).await?;
         anyhow::Ok(Measured {
             hand_ingress,
+            hand_same,
             ingress,
             worker,
             hand_forwarder,
@@ -238,6 +242,7 @@ pub async fn bench(settings: &Settings, args: &BenchArgs) -> anyhow::Result<Repo
     sandbox.remove().await;
     let Measured {
         hand_ingress,
+        hand_same,
         ingress,
         worker,
         hand_forwarder,
@@ -259,6 +264,7 @@ pub async fn bench(settings: &Settings, args: &BenchArgs) -> anyhow::Result<Repo
     let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
     let ingress_ratio = ratio(ingress.per_s, raw.publish_per_s);
     let ingress_vs_hand = ratio(ingress.per_s, hand_ingress.per_s);
+    let ingress_vs_same = ratio(ingress.per_s, hand_same.per_s);
     let worker_ratio = ratio(worker.per_s, raw.consume_per_s);
     let worker_vs_hand = ratio(worker.per_s, hand_forwarder.per_s);
     let after_mib = kib_to_mib(rss.rss_with_keys_kib);
@@ -274,6 +280,12 @@ pub async fn bench(settings: &Settings, args: &BenchArgs) -> anyhow::Result<Repo
             format!(">= {HAND_RATIO_GOAL}"),
             ingress_vs_hand,
             ingress_vs_hand >= HAND_RATIO_GOAL,
+        ),
+        goal(
+            "ingress rate / hand-written ingress of hookq's message".into(),
+            format!(">= {HAND_RATIO_GOAL}"),
+            ingress_vs_same,
+            ingress_vs_same >= HAND_RATIO_GOAL,
         ),
         goal(
             format!("ingress p99 at {} connections (ms)", args.connections),
@@ -335,6 +347,10 @@ pub async fn bench(settings: &Settings, args: &BenchArgs) -> anyhow::Result<Repo
         hand_ingress_p99_ms: hand_ingress.p99_ms,
         hand_ingress_cpu_us: hand_ingress.cpu_us,
         ingress_vs_hand,
+        hand_same_ingress_per_s: hand_same.per_s,
+        hand_same_ingress_p99_ms: hand_same.p99_ms,
+        hand_same_ingress_cpu_us: hand_same.cpu_us,
+        ingress_vs_same,
         ingress_publish_avg_ms: ingress.publish_avg_ms,
         worker_per_s: worker.per_s,
         worker_ratio,

@@ -5,7 +5,7 @@
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue};
 use lapin::BasicProperties;
-use lapin::types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 
 use crate::message::{DeadInfo, DeadReason, DedupKey, Envelope, MessageId, header};
 
@@ -27,18 +27,27 @@ fn put(h: &mut FieldTable, name: &'static str, value: AMQPValue) {
     }
 }
 
-/// The forwarded request headers as an array of `[name, value]` pairs of long
-/// strings: AMQP table keys are short strings (255 bytes at most) and a request
-/// may carry longer names, repeated names and values that are not UTF-8. Pairs
-/// carry all of them byte for byte, in order.
+/// The forwarded request headers as one long string in HTTP/1.1 field form
+/// (`name: value` and CRLF for each, in order, repeated names repeated, values
+/// byte for byte; the fields of a repeated name stay together at its first
+/// place, as the HTTP parser's header map keeps them, which changes no meaning
+/// in HTTP): it reads as text in the RabbitMQ UI, carries names longer
+/// than a table key's 255 bytes and values that are not UTF-8, and a quorum
+/// queue confirms it faster than a table of pairs. A header value cannot hold
+/// CR or LF, so the form splits back unambiguously.
 fn encode_headers(headers: &HeaderMap) -> AMQPValue {
-    let pairs: Vec<AMQPValue> = headers
+    let len: usize = headers
         .iter()
-        .map(|(k, v)| {
-            AMQPValue::FieldArray(FieldArray::from(vec![ls(k.as_str()), ls(v.as_bytes())]))
-        })
-        .collect();
-    AMQPValue::FieldArray(FieldArray::from(pairs))
+        .map(|(k, v)| k.as_str().len() + v.len() + 4)
+        .sum();
+    let mut text = Vec::with_capacity(len);
+    for (k, v) in headers {
+        text.extend_from_slice(k.as_str().as_bytes());
+        text.extend_from_slice(b": ");
+        text.extend_from_slice(v.as_bytes());
+        text.extend_from_slice(b"\r\n");
+    }
+    ls(text)
 }
 
 pub fn encode(env: &Envelope) -> BasicProperties {
@@ -116,9 +125,9 @@ fn bytes_of(v: &AMQPValue) -> Option<&[u8]> {
     }
 }
 
-/// hookq-headers back into a header map: pairs (this version) or a table
-/// (messages written before pairs). What is not a valid header is skipped:
-/// it cannot be sent on anyway.
+/// hookq-headers back into a header map: one string in field form (this
+/// version), or what earlier versions wrote: `[name, value]` pairs, or a
+/// table. What is not a valid header is skipped: it cannot be sent on anyway.
 fn decode_headers(v: Option<&AMQPValue>) -> HeaderMap {
     let mut out = HeaderMap::new();
     let mut add = |name: &[u8], value: &[u8]| {
@@ -127,6 +136,15 @@ fn decode_headers(v: Option<&AMQPValue>) -> HeaderMap {
         }
     };
     match v {
+        Some(AMQPValue::LongString(text)) => {
+            for field in text.as_bytes().split(|b| *b == b'\n') {
+                let field = field.strip_suffix(b"\r").unwrap_or(field);
+                if let Some(colon) = field.iter().position(|b| *b == b':') {
+                    let value = &field[colon + 1..];
+                    add(&field[..colon], value.strip_prefix(b" ").unwrap_or(value));
+                }
+            }
+        }
         Some(AMQPValue::FieldArray(pairs)) => {
             for pair in pairs.as_slice() {
                 if let AMQPValue::FieldArray(kv) = pair
@@ -274,6 +292,7 @@ pub fn stand_in(props: &BasicProperties, body: Bytes) -> Envelope {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use lapin::types::FieldArray;
 
     fn headers(pairs: &[(&str, &[u8])]) -> HeaderMap {
         let mut h = HeaderMap::new();
@@ -333,6 +352,48 @@ mod tests {
         assert!(props.content_type().is_none());
         let back = decode(&props, Bytes::new()).unwrap();
         assert_eq!(back.headers["content-type"].as_bytes(), ct.as_bytes());
+    }
+
+    #[test]
+    fn headers_travel_as_one_string_in_field_form() {
+        let env = Envelope::received(
+            "s",
+            DedupKey("s:1".into()),
+            Bytes::new(),
+            None,
+            headers(&[("x-a", b"1"), ("x-b", b"two words"), ("x-a", b"2")]),
+        );
+        let props = encode(&env);
+        let h = props.headers().as_ref().unwrap();
+        assert_eq!(
+            text(h, header::HEADERS).unwrap(),
+            "x-a: 1\r\nx-a: 2\r\nx-b: two words\r\n",
+            "a repeated name's fields stay together, at its first place (as the \
+             HTTP parser's header map keeps them)"
+        );
+    }
+
+    #[test]
+    fn headers_written_as_pairs_by_earlier_versions_still_decode() {
+        let pair = |k: &str, v: &[u8]| AMQPValue::FieldArray(FieldArray::from(vec![ls(k), ls(v)]));
+        let mut h = FieldTable::default();
+        h.insert(header::SOURCE.into(), ls("s"));
+        h.insert(header::KEY.into(), ls("s:1"));
+        h.insert(
+            header::HEADERS.into(),
+            AMQPValue::FieldArray(FieldArray::from(vec![
+                pair("x-a", b"1"),
+                pair("x-a", b"2"),
+                pair("x-latin1", b"caf\xe9"),
+            ])),
+        );
+        let p = BasicProperties::default()
+            .with_message_id("m".into())
+            .with_headers(h);
+        let env = decode(&p, Bytes::new()).unwrap();
+        let a: Vec<_> = env.headers.get_all("x-a").iter().collect();
+        assert_eq!(a, ["1", "2"]);
+        assert_eq!(env.headers["x-latin1"].as_bytes(), b"caf\xe9");
     }
 
     #[test]

@@ -716,3 +716,67 @@ async fn reading_dead_letters_again_and_again_keeps_every_one_in_order() {
     }
     settled(&broker, 10).await;
 }
+
+/// A dead letter as an earlier version wrote it, its forwarded headers as
+/// `[name, value]` pairs: listed, shovelled, and delivered with its headers
+/// (repeats and a value that is not UTF-8 intact).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_with_headers_as_pairs_still_reads_and_shovels() {
+    use lapin::types::{AMQPValue, FieldArray, FieldTable, LongString};
+    let target = FakeTarget::ok().await;
+    let env = TestEnv::new("pairs").with_target(&target.url);
+    let broker = env.broker().await;
+    let ls = |b: &[u8]| AMQPValue::LongString(LongString::from(b.to_vec()));
+    let pair =
+        |k: &str, v: &[u8]| AMQPValue::FieldArray(FieldArray::from(vec![ls(k.as_bytes()), ls(v)]));
+    let mut h = FieldTable::default();
+    h.insert("hookq-source".into(), ls(b"old"));
+    h.insert("hookq-key".into(), ls(b"old:1"));
+    h.insert("hookq-attempts".into(), AMQPValue::LongLongInt(5));
+    h.insert("hookq-received-at".into(), ls(b"2026-01-01T00:00:00.000Z"));
+    h.insert("hookq-dead-reason".into(), ls(b"max_attempts"));
+    h.insert("hookq-last-error".into(), ls(b"HTTP 500"));
+    h.insert("hookq-dead-at".into(), ls(b"2026-01-01T00:00:01.000Z"));
+    h.insert(
+        "hookq-headers".into(),
+        AMQPValue::FieldArray(FieldArray::from(vec![
+            pair("x-a", b"1"),
+            pair("x-a", b"2"),
+            pair("x-latin1", b"caf\xe9"),
+        ])),
+    );
+    let (conn, ch) = env.raw_channel().await;
+    ch.confirm_select(Default::default()).await.unwrap();
+    ch.basic_publish(
+        "".into(),
+        env.topology().dead().as_str().into(),
+        Default::default(),
+        b"{}",
+        lapin::BasicProperties::default()
+            .with_message_id("old-m1".into())
+            .with_delivery_mode(2)
+            .with_headers(h),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    let _ = conn.close(200, "bye".into()).await;
+
+    let rows = hookq::dead_letters::rows(&broker, None).await.unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].key, "old:1");
+    assert_eq!(rows[0].reason, Some("max_attempts".to_string()));
+    settled(&broker, 1).await;
+    let s = run_shovel(&broker, Filter::default(), None).await;
+    assert_eq!(s.moved.total(), 1);
+    let _up = env.up().await;
+    wait_until(T, "the shovelled one delivered", || async {
+        target.successes().contains_key("old:1")
+    })
+    .await;
+    let got = target.for_key("old:1");
+    let a: Vec<_> = got[0].headers.get_all("x-a").iter().collect();
+    assert_eq!(a, ["1", "2"]);
+    assert_eq!(got[0].headers["x-latin1"].as_bytes(), b"caf\xe9");
+}
