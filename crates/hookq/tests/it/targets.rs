@@ -501,3 +501,47 @@ async fn the_target_commands_and_a_graceful_stop_during_a_hold() {
     .await;
     each_delivered_once(&target, &keys);
 }
+
+/// `max_concurrency` across workers on several hosts (stores of their own)
+/// while workers come and go: a third joins mid-run, then the first stops.
+/// At no moment does the target have more than the limit and 10% in flight,
+/// and each key is delivered once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_concurrency_holds_while_workers_come_and_go() {
+    const TAKES: Duration = Duration::from_millis(200);
+    let target = FakeTarget::start_slow(TAKES, |_, _| StatusCode::OK).await;
+    let limits = TargetSettings {
+        max_concurrency: Some(10),
+        ..Default::default()
+    };
+    let env = TestEnv::new("conc").with_named_target("app", &target.url, limits);
+    let ingress = env.start(Parts::Ingress).await;
+    assert!(ingress.ready(Duration::from_secs(10)).await);
+    let a = env.host("a").await;
+    let _b = env.host("b").await;
+    let client = Arc::new(Client::new(ingress.ingress_addr.unwrap()));
+    let sender = {
+        let client = client.clone();
+        tokio::spawn(async move { send(&client, "s", "c", 400).await })
+    };
+    wait_until(T, "deliveries under way", || async { target.count() >= 60 }).await;
+    let _c = env.host("c").await;
+    wait_until(T, "the third worker in", || async { target.count() >= 140 }).await;
+    a.sigterm();
+    let keys = sender.await.unwrap();
+    wait_until(T, "each key delivered", || async {
+        target.successes().len() == keys.len()
+    })
+    .await;
+    each_delivered_once(&target, &keys);
+    // In flight at each arrival: the requests that arrived within one
+    // answer time before it (every answer takes TAKES).
+    let mut at: Vec<Instant> = target.received().iter().map(|r| r.at).collect();
+    at.sort();
+    let most = at
+        .iter()
+        .map(|t| at.iter().filter(|u| **u <= *t && *t - **u < TAKES).count())
+        .max()
+        .unwrap();
+    assert!(most <= 11, "{most} in flight at once (max_concurrency 10)");
+}
