@@ -326,7 +326,7 @@ async fn bench_json_has_every_figure() {
         assert!(scale[rate].as_f64().is_some_and(|x| x > 0.0), "{rate}: {r}");
     }
     let goals = r["goals"].as_array().expect("goals");
-    assert_eq!(goals.len(), 7, "{r}");
+    assert_eq!(goals.len(), 8, "{r}");
     for g in goals {
         assert!(g["met"].is_boolean() && g["value"].is_number(), "{g}");
     }
