@@ -100,6 +100,10 @@ fn unknown_and_bad_keys_are_named() {
             "targets.app.rate_per_s",
         ),
         (
+            "[worker]\ntarget = \"app\"\n[targets.app]\nurl = \"http://a/\"\nrate_per_s = 1e-20\n",
+            "targets.app.rate_per_s",
+        ),
+        (
             "[worker]\ntarget = \"app\"\n[targets.app]\nurl = \"http://a/\"\nbreaker_probe_ms = 5000\nbreaker_max_probe_ms = 1000\n",
             "targets.app.breaker_probe_ms",
         ),

@@ -11,6 +11,10 @@ use super::{
     SourceSettings, TargetRef, WorkerPartitions, WorkerSettings, standard_key, valid_source_name,
 };
 
+/// The slowest `rate_per_s` that is not 0 (no limit): one request in
+/// 1,000 s. Slower spacing would be a pause, which `hookq target pause` is for.
+pub const MIN_RATE_PER_S: f64 = 0.001;
+
 /// What the command being started needs beyond what every command does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Role {
@@ -106,10 +110,16 @@ impl Settings {
             if let Some(c) = t.max_concurrency {
                 at_least_1(&key("max_concurrency"), c)?;
             }
-            if !t.rate_per_s.is_finite() || t.rate_per_s < 0.0 {
+            if !t.rate_per_s.is_finite()
+                || t.rate_per_s < 0.0
+                || (t.rate_per_s > 0.0 && t.rate_per_s < MIN_RATE_PER_S)
+            {
                 return Err(Error::new(
                     key("rate_per_s"),
-                    "must be 0 (no limit) or a positive number of requests a second",
+                    format!(
+                        "must be 0 (no limit) or at least {MIN_RATE_PER_S} requests a second (one in {} s)",
+                        1.0 / MIN_RATE_PER_S
+                    ),
                 ));
             }
             at_least(

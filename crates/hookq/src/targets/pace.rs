@@ -8,6 +8,11 @@
 
 use std::time::{Duration, Instant};
 
+/// The longest spacing a share can ask for (a configured rate is at least
+/// one in 1,000 s; a share of it among many workers is slower still): what
+/// no `Instant` arithmetic overflows on.
+const LONGEST: Duration = Duration::from_secs(86_400);
+
 #[derive(Debug)]
 pub struct Pace {
     /// Seconds between two starts; `None`: no limit.
@@ -28,8 +33,11 @@ impl Pace {
 
     /// A new share; 0 (or less) turns the pace off.
     pub fn set_rate(&mut self, rate_per_s: f64) {
-        self.interval = (rate_per_s > 0.0 && rate_per_s.is_finite())
-            .then(|| Duration::from_secs_f64(1.0 / rate_per_s));
+        self.interval = (rate_per_s > 0.0 && rate_per_s.is_finite()).then(|| {
+            Duration::try_from_secs_f64(1.0 / rate_per_s)
+                .unwrap_or(LONGEST)
+                .min(LONGEST)
+        });
     }
 
     pub fn is_limited(&self) -> bool {
@@ -50,7 +58,7 @@ impl Pace {
             return now;
         };
         let at = self.next.map_or(now, |n| n.max(now));
-        self.next = Some(at + interval);
+        self.next = at.checked_add(interval);
         at
     }
 }
@@ -71,6 +79,14 @@ mod tests {
         assert_eq!(p.take(later), later);
         assert_eq!(p.take(later) - later, Duration::from_millis(100));
         assert_eq!(p.wait(later), Duration::from_millis(200));
+    }
+
+    #[test]
+    fn a_rate_too_slow_to_space_is_a_day_apart() {
+        let now = Instant::now();
+        let mut p = Pace::new(1e-300);
+        assert_eq!(p.take(now), now);
+        assert_eq!(p.wait(now), LONGEST);
     }
 
     #[test]
