@@ -20,29 +20,11 @@ where
     F: FnOnce(hookq::config::Settings) -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<ExitCode>>,
 {
-    hookq::telemetry::init_with_default(global.log_format, hookq::telemetry::QUIET_FILTER);
-    let settings = match hookq::config::load(global.config.as_deref(), hookq::config::Role::Other) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("hookq: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("hookq: cannot start the async runtime: {e}");
-            return ExitCode::from(1);
-        }
-    };
-    match runtime.block_on(command(settings)) {
-        Ok(code) => code,
-        Err(e) => {
-            eprintln!("hookq: {e:#}");
-            ExitCode::from(1)
-        }
-    }
+    hookq::cli::start(
+        global.log_format,
+        hookq::telemetry::QUIET_FILTER,
+        global.config.as_deref(),
+        hookq::config::Role::Other,
+        command,
+    )
 }

@@ -16,35 +16,17 @@ fn main() -> ExitCode {
     if let Command::External(args) = &cli.command {
         return external(&cli, args);
     }
-    telemetry::init_with_default(cli.log_format, telemetry::DEFAULT_FILTER);
     let role = match cli.command {
         Command::Up | Command::Worker => config::Role::Delivers,
         _ => config::Role::Other,
     };
-    let settings = match config::load(cli.config.as_deref(), role) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("hookq: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("hookq: cannot start the async runtime: {e}");
-            return ExitCode::from(1);
-        }
-    };
-    match runtime.block_on(run(cli.command, settings)) {
-        Ok(code) => code,
-        Err(e) => {
-            eprintln!("hookq: {e:#}");
-            ExitCode::from(1)
-        }
-    }
+    hookq::cli::start(
+        cli.log_format,
+        telemetry::DEFAULT_FILTER,
+        cli.config.as_deref(),
+        role,
+        |settings| run(cli.command, settings),
+    )
 }
 
 async fn run(command: Command, settings: config::Settings) -> anyhow::Result<ExitCode> {

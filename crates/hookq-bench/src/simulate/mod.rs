@@ -135,28 +135,11 @@ pub async fn simulate(settings: &Settings, args: &SimulateArgs) -> anyhow::Resul
     )
     .await;
 
-    let mut sandbox =
-        Sandbox::new(settings, "sim").context("cannot make the simulation's scratch directory")?;
-    let s = &mut sandbox.settings;
-    s.worker.handler = HandlerKind::Http;
     // The breaker off: a run of failures would hold the messages instead of
     // spending their attempts, and the figures here are the retry policy's
     // (`--outage-s` compares the breaker on and off).
-    s.targets.insert(
-        "flaky".into(),
-        TargetSettings {
-            url: Some(TargetUrl::parse(&target.url).map_err(anyhow::Error::msg)?),
-            breaker_failures: 0,
-            ..Default::default()
-        },
-    );
-    s.worker.target = Some(TargetRef::Named("flaky".into()));
-    s.worker.timeout = SIM_TIMEOUT;
-    s.retry.max_attempts = args.max_attempts;
-    s.retry.inline_attempts_set = Some(args.max_attempts.min(2));
-    s.retry.inline_delay = Duration::from_millis(5);
-    s.retry.delays = SIM_DELAYS_MS.map(Duration::from_millis).to_vec();
-    s.retry.jitter = 0.1;
+    let mut sandbox = sandbox(settings, "sim", &target.url, 0, args)?;
+    sandbox.settings.retry.jitter = 0.1;
     // Proves the broker is reachable before anything starts.
     let result = match sandbox.broker().await {
         Ok(_) => drive(&sandbox, &target, args).await,
@@ -165,6 +148,37 @@ pub async fn simulate(settings: &Settings, args: &SimulateArgs) -> anyhow::Resul
     sandbox.remove().await;
     target.stop();
     result
+}
+
+/// A scratch sandbox delivering to `url` as the target `app` with
+/// `breaker_failures`, with the simulation's short timeout, delay tiers and
+/// `args.max_attempts`.
+fn sandbox(
+    settings: &Settings,
+    name: &str,
+    url: &str,
+    breaker_failures: u32,
+    args: &SimulateArgs,
+) -> anyhow::Result<Sandbox> {
+    let mut sandbox =
+        Sandbox::new(settings, name).context("cannot make the simulation's scratch directory")?;
+    let s = &mut sandbox.settings;
+    s.worker.handler = HandlerKind::Http;
+    s.targets.insert(
+        "app".into(),
+        TargetSettings {
+            url: Some(TargetUrl::parse(url).map_err(anyhow::Error::msg)?),
+            breaker_failures,
+            ..Default::default()
+        },
+    );
+    s.worker.target = Some(TargetRef::Named("app".into()));
+    s.worker.timeout = SIM_TIMEOUT;
+    s.retry.max_attempts = args.max_attempts;
+    s.retry.inline_attempts_set = Some(args.max_attempts.min(2));
+    s.retry.inline_delay = Duration::from_millis(5);
+    s.retry.delays = SIM_DELAYS_MS.map(Duration::from_millis).to_vec();
+    Ok(sandbox)
 }
 
 /// Starts `up`, sends, waits for every outcome, stops, and tallies.

@@ -10,13 +10,13 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use axum::http::StatusCode;
 use hookq::cli::print;
-use hookq::config::{HandlerKind, Settings, TargetRef, TargetSettings, TargetUrl};
+use hookq::config::Settings;
 use hookq::events::{Event, Outcome};
 use hookq::system::Parts;
 use hookq_testkit::{FakeTarget, Sandbox, WaitError, short_id, wait_for};
 use serde::Serialize;
 
-use super::{READY_WITHIN, SIM_DELAYS_MS, SIM_TIMEOUT};
+use super::READY_WITHIN;
 use crate::args::SimulateArgs;
 
 /// One run of the outage.
@@ -111,24 +111,8 @@ async fn once(
         }
     })
     .await;
-    let mut sandbox = Sandbox::new(settings, "outage")
-        .context("cannot make the simulation's scratch directory")?;
-    let s = &mut sandbox.settings;
-    s.worker.handler = HandlerKind::Http;
-    s.targets.insert(
-        "app".into(),
-        TargetSettings {
-            url: Some(TargetUrl::parse(&target.url).map_err(anyhow::Error::msg)?),
-            breaker_failures: if breaker { 10 } else { 0 },
-            ..Default::default()
-        },
-    );
-    s.worker.target = Some(TargetRef::Named("app".into()));
-    s.worker.timeout = SIM_TIMEOUT;
-    s.retry.max_attempts = args.max_attempts;
-    s.retry.inline_attempts_set = Some(args.max_attempts.min(2));
-    s.retry.inline_delay = Duration::from_millis(5);
-    s.retry.delays = SIM_DELAYS_MS.map(Duration::from_millis).to_vec();
+    let breaker_failures = if breaker { 10 } else { 0 };
+    let sandbox = super::sandbox(settings, "outage", &target.url, breaker_failures, args)?;
     let result = match sandbox.broker().await {
         Ok(_) => drive(&sandbox, &target, args, started, up_at, breaker).await,
         Err(e) => Err(e.into()),

@@ -153,17 +153,7 @@ impl ControlLine {
                 session.connection.create_channel().await?
             }
         };
-        let q = ch
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await;
-        match q {
+        match super::queues::passive_on(&ch, queue).await {
             Ok(q) => {
                 self.counter = Some(ch);
                 Ok(q.message_count())

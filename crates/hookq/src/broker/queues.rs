@@ -99,16 +99,7 @@ impl Broker {
     async fn passive(&self, queue: &str) -> Result<lapin::Queue, Error> {
         let session = self.session()?;
         let ch = session.connection.create_channel().await?;
-        let q = ch
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
+        let q = passive_on(&ch, queue).await?;
         let _ = ch.close(200, "done".into()).await;
         Ok(q)
     }
@@ -141,4 +132,18 @@ impl Broker {
         let session = self.session()?;
         Ok(topology::declare(&session.connection, &self.inner.topology).await?)
     }
+}
+
+/// A passive declaration of `queue` on `ch`: its counts, or an error (and a
+/// closed channel) when it does not exist.
+pub(super) async fn passive_on(ch: &lapin::Channel, queue: &str) -> lapin::Result<lapin::Queue> {
+    ch.queue_declare(
+        queue.into(),
+        QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
 }

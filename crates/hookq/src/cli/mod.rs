@@ -124,3 +124,46 @@ pub fn print(line: impl std::fmt::Display) {
     use std::io::Write;
     let _ = writeln!(std::io::stdout().lock(), "{line}");
 }
+
+/// The start of every hookq binary: telemetry (`filter` unless `HOOKQ_LOG` or
+/// `RUST_LOG` say otherwise), the configuration for `role` (exit 2 naming the
+/// key when it is bad), the async runtime, then `command` (exit 1 with its
+/// error, said in full).
+pub fn start<F, Fut>(
+    log_format: LogFormat,
+    filter: &str,
+    config: Option<&std::path::Path>,
+    role: crate::config::Role,
+    command: F,
+) -> std::process::ExitCode
+where
+    F: FnOnce(Settings) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<std::process::ExitCode>>,
+{
+    use std::process::ExitCode;
+    crate::telemetry::init_with_default(log_format, filter);
+    let settings = match crate::config::load(config, role) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("hookq: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("hookq: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(command(settings)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("hookq: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -66,20 +66,34 @@ impl Processor {
         tracing::info!(attempts = env.attempts, tier = ?tier.0, wait = ?expiration, why, "retrying later");
         match out.to_delay(tier, env, expiration).await {
             Ok(()) => {
-                if self
-                    .persist("park", || held.park(env.attempts, Parked::ForItsNextCopy))
+                self.park_then_ack(msg, held, env.attempts, Outcome::Retried { tier })
                     .await
-                    .is_none()
-                {
-                    return self.hand_back(msg).await;
-                }
-                ack(msg, Outcome::Retried { tier }).await
             }
             Err(e) => {
                 tracing::warn!(error = %e, "could not move the message to its delay queue; handing it back");
                 self.refused(msg, held, env.attempts).await
             }
         }
+    }
+
+    /// After a confirmed republish of the message (a delay tier, a hold
+    /// queue): parks the claim for the copy, then acks as `outcome`; a store
+    /// that cannot park hands the message back instead.
+    async fn park_then_ack<S: Receipt>(
+        &self,
+        msg: S,
+        held: &Held<'_>,
+        attempts: u32,
+        outcome: Outcome,
+    ) -> Outcome {
+        if self
+            .persist("park", || held.park(attempts, Parked::ForItsNextCopy))
+            .await
+            .is_none()
+        {
+            return self.hand_back(msg).await;
+        }
+        ack(msg, outcome).await
     }
 
     /// Moves the message to its target's hold queue with confirm (attempts
@@ -103,14 +117,8 @@ impl Processor {
         );
         match out.to_hold(gate.queue_id(), env).await {
             Ok(()) => {
-                if self
-                    .persist("park", || held.park(env.attempts, Parked::ForItsNextCopy))
+                self.park_then_ack(msg, held, env.attempts, Outcome::Held)
                     .await
-                    .is_none()
-                {
-                    return self.hand_back(msg).await;
-                }
-                ack(msg, Outcome::Held).await
             }
             Err(e) => {
                 tracing::warn!(error = %e, "could not move the message to its target's hold queue; handing it back");
