@@ -90,6 +90,14 @@ pub struct BenchArgs {
     /// Deliver to a named target with this `max_concurrency`.
     #[arg(long)]
     pub target_max_concurrency: Option<usize>,
+    /// Instead of the broker phases: the dedup store alone, grown to each
+    /// size of `--store-keys` remembered keys (bytes a key, claim-and-done
+    /// rate, prune step time at each). Needs no broker.
+    #[arg(long)]
+    pub store: bool,
+    /// The sizes `--store` measures at, ascending.
+    #[arg(long, value_delimiter = ',', default_values_t = [1_000_000, 10_000_000])]
+    pub store_keys: Vec<u64>,
     #[arg(long)]
     pub json: bool,
 }

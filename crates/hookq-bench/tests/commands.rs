@@ -204,6 +204,10 @@ async fn simulate_and_bench_refuse_bad_arguments_with_exit_2() {
         (&["bench", "--messages", "0"][..], "--messages"),
         (&["bench", "--connections", "0"][..], "--connections"),
         (&["bench", "--partitions", "1"][..], "--partitions"),
+        (
+            &["bench", "--store", "--store-keys", "9,3"][..],
+            "--store-keys",
+        ),
     ] {
         let out = hookq(args, &env, Duration::from_secs(20)).await;
         let stderr = String::from_utf8_lossy(&out.stderr);
@@ -229,6 +233,32 @@ async fn simulate_without_a_broker_exits_1_saying_how_to_start_it() {
             out.stdout.is_empty(),
             "{cmd} printed a result without a broker"
         );
+    }
+}
+
+/// `--store` needs no broker: the store alone, at small sizes here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_store_measures_each_size_without_a_broker() {
+    let mut env = TestEnv::new("benchstore");
+    env.settings.amqp.urls =
+        vec![hookq::config::AmqpUrl::parse("amqp://guest:guest@127.0.0.1:1/%2f").unwrap()];
+    let out = hookq(
+        &["bench", "--store", "--store-keys", "20000,60000", "--json"],
+        &env,
+        Duration::from_secs(120),
+    )
+    .await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let rows: Vec<Value> = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    for (row, filled) in rows.iter().zip([20_000.0, 60_000.0]) {
+        // The claim phases add their own new keys to what was filled.
+        assert!(num(row, "keys") > filled, "{row}");
+        assert!(num(row, "bytes_per_key") <= 64.0, "{row}");
+        for figure in ["fill_per_s", "claim_done_per_s", "prune_step_max_ms"] {
+            assert!(num(row, figure) > 0.0, "{figure}: {row}");
+        }
     }
 }
 

@@ -40,6 +40,7 @@ mod phases;
 mod probe;
 mod report;
 mod scale;
+mod store;
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -95,6 +96,12 @@ fn usage_error(a: &BenchArgs, s: &Settings) -> Option<String> {
     if a.target_rate.is_some_and(|r| !(r.is_finite() && r >= 0.0)) {
         return Some("--target-rate must be a number of at least 0 (0: no limit)".into());
     }
+    if a.store_keys.is_empty()
+        || a.store_keys.contains(&0)
+        || !a.store_keys.is_sorted_by(|a, b| a < b)
+    {
+        return Some("--store-keys must be sizes of at least 1, ascending".into());
+    }
     if a.target_max_concurrency == Some(0) {
         return Some("--target-max-concurrency must be at least 1".into());
     }
@@ -105,6 +112,15 @@ pub async fn run(settings: &Settings, args: &BenchArgs) -> anyhow::Result<ExitCo
     if let Some(problem) = usage_error(args, settings) {
         eprintln!("hookq bench: {problem}");
         return Ok(ExitCode::from(2));
+    }
+    if args.store {
+        let figures = store::run(&args.store_keys).await?;
+        if args.json {
+            print(serde_json::to_string(&figures)?);
+        } else {
+            store::print_table(&figures);
+        }
+        return Ok(ExitCode::SUCCESS);
     }
     let report = bench(settings, args).await?;
     if args.json {
@@ -407,6 +423,8 @@ mod tests {
             partitions: 0,
             target_rate: None,
             target_max_concurrency: None,
+            store: false,
+            store_keys: vec![1_000_000, 10_000_000],
             json: false,
         };
         assert_eq!(usage_error(&ok, &s), None);
@@ -452,6 +470,13 @@ mod tests {
                     ..ok.clone()
                 },
                 "--target-max-concurrency",
+            ),
+            (
+                BenchArgs {
+                    store_keys: vec![10, 5],
+                    ..ok.clone()
+                },
+                "--store-keys",
             ),
         ] {
             assert!(usage_error(&bad, &s).is_some_and(|m| m.contains(flag)));

@@ -219,20 +219,27 @@ impl Dedup {
         )
     }
 
-    /// Prunes keys older than the retention, in small batches, until `shutdown`.
+    /// Prunes keys older than the retention until `shutdown`: a pass over the
+    /// whole store, a small step at a time, every `every`.
     pub async fn prune_forever(&self, every: Duration, shutdown: CancellationToken) {
         loop {
-            loop {
-                match self.store.prune(self.retention).await {
-                    Ok(n) if n == store::PRUNE_BATCH => tokio::task::yield_now().await,
-                    Ok(n) => {
-                        if n > 0 {
-                            tracing::debug!(pruned = n, "pruned old dedup keys");
+            let (mut after, mut pruned) = (None, 0);
+            while !shutdown.is_cancelled() {
+                match self.store.prune(self.retention, after).await {
+                    Ok(step) => {
+                        pruned += step.deleted;
+                        match step.next {
+                            Some(next) => after = Some(next),
+                            None => break,
                         }
-                        break;
+                        // Let the claims waiting for the store go first.
+                        tokio::task::yield_now().await;
                     }
                     Err(_) => break, // already logged by the store
                 }
+            }
+            if pruned > 0 {
+                tracing::debug!(pruned, "pruned old dedup keys");
             }
             tokio::select! {
                 _ = shutdown.cancelled() => return,

@@ -445,9 +445,11 @@ impl Worker {
     async fn housekeeping(&self) {
         let dedup = &self.step.dedup;
         let shutdown = self.step.shutdown.clone();
-        // Often enough that a key outlives its retention by at most a quarter of it.
+        // A pass reads every key: often enough that a key outlives its
+        // retention by at most a quarter of it (or an hour), seldom enough
+        // that ten million keys cost the store thread seconds an hour.
         let every =
-            (dedup.retention() / 4).clamp(Duration::from_millis(100), Duration::from_secs(60));
+            (dedup.retention() / 4).clamp(Duration::from_millis(100), Duration::from_secs(3600));
         let prune = dedup.prune_forever(every, shutdown.clone());
         let probe = async {
             loop {

@@ -38,8 +38,33 @@ const MAX_BATCH: usize = 512;
 /// the size from which it does not wait (see the group commit in `Thread::next_batch`).
 const LINGER: Duration = Duration::from_micros(250);
 const LINGER_UNTIL: usize = 48;
-/// Rows one prune deletes; small, so it never holds the write lock for long.
-pub const PRUNE_BATCH: usize = 500;
+/// Rows one prune step looks at (and at most deletes) of each table: small,
+/// so that it never holds the write lock for more than a few milliseconds.
+pub const PRUNE_SLICE: usize = 1000;
+
+/// What the store keeps of a key: the first 16 bytes of its SHA-256. The
+/// readable key stays where an operator reads it (the message, logs, dead
+/// letters); a row of the `done` table is this and a time, about 40 bytes on
+/// disk. Two different keys meet in one hash with odds of about n² / 2¹²⁹
+/// (10¹⁴ / 6.8·10³⁸ at ten million keys): never, in practice.
+pub type KeyHash = [u8; 16];
+
+pub fn key_hash(key: &str) -> KeyHash {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(key.as_bytes());
+    let mut hash = [0; 16];
+    hash.copy_from_slice(&digest[..16]);
+    hash
+}
+
+/// One prune step's result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pruned {
+    /// Keys and claims deleted.
+    pub deleted: usize,
+    /// Where the next step of the pass starts; `None`: the pass is over.
+    pub next: Option<KeyHash>,
+}
 
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("dedup store {path}: {message}")]
@@ -71,21 +96,21 @@ type Responder<T> = oneshot::Sender<Result<T, Error>>;
 
 enum Op {
     Claim {
-        key: String,
+        key: KeyHash,
         message_id: String,
         reply: Responder<Claim>,
     },
     Done {
-        key: String,
+        key: KeyHash,
         reply: Responder<()>,
     },
     Release {
-        key: String,
+        key: KeyHash,
         message_id: String,
         reply: Responder<()>,
     },
     Park {
-        key: String,
+        key: KeyHash,
         message_id: String,
         attempts: u32,
         handback: bool,
@@ -93,14 +118,15 @@ enum Op {
     },
     Prune {
         older_than_ms: i64,
-        reply: Responder<usize>,
+        after: Option<KeyHash>,
+        reply: Responder<Pruned>,
     },
     Probe {
         reply: Responder<()>,
     },
     /// Keys another host delivered (from a done-log), done at `at_ms`.
     DoneMany {
-        keys: Vec<String>,
+        keys: Vec<KeyHash>,
         at_ms: i64,
         reply: Responder<()>,
     },
@@ -383,7 +409,7 @@ impl Store {
     /// [`Store::claim`] at a given time (tests move the clock).
     pub async fn claim_at(&self, key: &str, message_id: &str, now: i64) -> Result<Claim, Error> {
         let op = |reply| Op::Claim {
-            key: key.into(),
+            key: key_hash(key),
             message_id: message_id.into(),
             reply,
         };
@@ -396,7 +422,7 @@ impl Store {
 
     pub async fn done_at(&self, key: &str, now: i64) -> Result<(), Error> {
         let op = |reply| Op::Done {
-            key: key.into(),
+            key: key_hash(key),
             reply,
         };
         self.call(op, now).await
@@ -404,7 +430,7 @@ impl Store {
 
     pub async fn release(&self, key: &str, message_id: &str) -> Result<(), Error> {
         let op = |reply| Op::Release {
-            key: key.into(),
+            key: key_hash(key),
             message_id: message_id.into(),
             reply,
         };
@@ -436,13 +462,20 @@ impl Store {
         });
     }
 
-    /// Deletes up to [`PRUNE_BATCH`] keys untouched for `retention` (never one a
-    /// live holder works on); returns how many.
-    pub async fn prune(&self, retention: Duration) -> Result<usize, Error> {
+    /// One step of a prune pass, which starts with `after = None` and goes on
+    /// from each step's [`Pruned::next`]: deletes keys done more than
+    /// `retention` ago among the next [`PRUNE_SLICE`] in hash order, and up to
+    /// as many claims untouched for as long (never one a live holder works on).
+    pub async fn prune(
+        &self,
+        retention: Duration,
+        after: Option<KeyHash>,
+    ) -> Result<Pruned, Error> {
         let now = now_ms();
         let older_than_ms = now.saturating_sub(ms(retention));
         let op = |reply| Op::Prune {
             older_than_ms,
+            after,
             reply,
         };
         self.call(op, now).await
@@ -452,6 +485,7 @@ impl Store {
     /// `at_ms`, a record never made younger than it is.
     pub async fn done_many(&self, keys: Vec<String>, at_ms: u64) -> Result<(), Error> {
         let at_ms = i64::try_from(at_ms).unwrap_or(i64::MAX);
+        let keys = keys.iter().map(|k| key_hash(k)).collect();
         let op = |reply| Op::DoneMany { keys, at_ms, reply };
         self.call(op, now_ms()).await
     }
@@ -486,7 +520,7 @@ impl Store {
 
 fn park_op(key: &str, message_id: &str, attempts: u32, handback: bool, reply: Responder<()>) -> Op {
     Op::Park {
-        key: key.into(),
+        key: key_hash(key),
         message_id: message_id.into(),
         attempts,
         handback,

@@ -8,7 +8,10 @@ use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension, params};
 
-use super::{Claim, Error, Lease, Op, PRUNE_BATCH, ReadPosition, Request, Responder, ms};
+use super::{
+    Claim, Error, KeyHash, Lease, Op, PRUNE_SLICE, Pruned, ReadPosition, Request, Responder,
+    key_hash, ms,
+};
 
 /// Turns WAL on. Switching the journal mode takes the file's exclusive lock
 /// without SQLite's busy handler: two processes opening a new file at once
@@ -44,13 +47,26 @@ pub(super) fn open(path: &Path) -> rusqlite::Result<Connection> {
     c.pragma_update(None, "synchronous", "NORMAL")?;
     c.execute_batch(
         "BEGIN IMMEDIATE;
-         CREATE TABLE IF NOT EXISTS keys (
-             key        TEXT PRIMARY KEY,
-             state      INTEGER NOT NULL, -- 0 claimed, 1 done, 2 released (dead-lettered)
+         -- Keys delivered: the bulk of the file, so a row is only what a
+         -- lookup and the prune need: the key's hash (KeyHash) and when.
+         -- No index on at_ms (it would double the row): the prune walks
+         -- the table in key order, a slice at a time.
+         CREATE TABLE IF NOT EXISTS done (
+             key   BLOB PRIMARY KEY,
+             at_ms INTEGER NOT NULL
+         ) WITHOUT ROWID;
+         -- Keys being delivered, waiting in a delay queue, or dead-lettered:
+         -- as many as there are messages in flight, so fields may be wide.
+         CREATE TABLE IF NOT EXISTS claims (
+             key        BLOB PRIMARY KEY,
+             state      INTEGER NOT NULL, -- 0 claimed, 2 released (dead-lettered)
              message_id TEXT NOT NULL,    -- the message that holds the claim
+             holder     TEXT,             -- the process working on it; NULL when parked
+             attempts   INTEGER NOT NULL DEFAULT 0, -- failures recorded by holders that could not settle
+             handbacks  INTEGER NOT NULL DEFAULT 0, -- republishes the broker refused
              updated_ms INTEGER NOT NULL
          ) WITHOUT ROWID;
-         CREATE INDEX IF NOT EXISTS keys_updated ON keys(updated_ms);
+         CREATE INDEX IF NOT EXISTS claims_updated ON claims(updated_ms);
          CREATE TABLE IF NOT EXISTS holders (
              holder         TEXT PRIMARY KEY,
              lease_until_ms INTEGER NOT NULL
@@ -67,39 +83,75 @@ pub(super) fn open(path: &Path) -> rusqlite::Result<Connection> {
          -- dropped (the next catch-up reads each done-log from its start).
          DROP TABLE IF EXISTS done_logs;",
     )?;
-    // Columns added after the first release; a file written by it gains them here.
+    upgrade_keys_table(&c)?;
+    c.execute_batch("COMMIT")?;
+    Ok(c)
+}
+
+/// Moves the rows of earlier versions' one `keys` table (readable keys, a
+/// row of about 130 – 180 bytes) into `done` and `claims`, then drops it.
+/// Runs once, in the opening transaction: a second process waits for it.
+fn upgrade_keys_table(c: &Connection) -> rusqlite::Result<()> {
     let columns: Vec<String> = c
         .prepare("SELECT name FROM pragma_table_info('keys')")?
         .query_map([], |r| r.get(0))?
         .collect::<rusqlite::Result<_>>()?;
-    for (name, ddl) in [
-        // The process working on the claim; NULL when parked (no one is).
-        ("holder", "ALTER TABLE keys ADD COLUMN holder TEXT"),
-        // Failed deliveries recorded by a holder that could not settle the message.
-        (
-            "attempts",
-            "ALTER TABLE keys ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0",
-        ),
-        // Times the broker refused this message's republish (it went back to the queue).
-        (
-            "handbacks",
-            "ALTER TABLE keys ADD COLUMN handbacks INTEGER NOT NULL DEFAULT 0",
-        ),
-    ] {
-        if !columns.iter().any(|c| c == name) {
-            c.execute_batch(ddl)?;
-        }
+    if columns.is_empty() {
+        return Ok(());
     }
-    c.execute_batch("COMMIT")?;
-    Ok(c)
+    // The first release had neither holders nor counts.
+    let or = |name: &'static str, default: &'static str| {
+        if columns.iter().any(|c| c == name) {
+            name
+        } else {
+            default
+        }
+    };
+    let select = format!(
+        "SELECT key, state, message_id, updated_ms, {}, {}, {} FROM keys",
+        or("holder", "NULL"),
+        or("attempts", "0"),
+        or("handbacks", "0")
+    );
+    let mut done = c.prepare(
+        "INSERT INTO done(key, at_ms) VALUES (?1, ?2)
+         ON CONFLICT(key) DO UPDATE SET at_ms = MAX(done.at_ms, excluded.at_ms)",
+    )?;
+    let mut claim = c.prepare(
+        "INSERT INTO claims(key, state, message_id, holder, attempts, handbacks, updated_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT(key) DO NOTHING",
+    )?;
+    let mut moved = 0u64;
+    let mut rows = c.prepare(&select)?;
+    let mut rows = rows.query([])?;
+    while let Some(r) = rows.next()? {
+        let key = key_hash(&r.get::<_, String>(0)?);
+        let (state, at): (i64, i64) = (r.get(1)?, r.get(3)?);
+        if state == 1 {
+            done.execute(params![key, at])?;
+        } else {
+            let (message, holder): (String, Option<String>) = (r.get(2)?, r.get(4)?);
+            let (attempts, handbacks): (i64, i64) = (r.get(5)?, r.get(6)?);
+            claim.execute(params![
+                key, state, message, holder, attempts, handbacks, at
+            ])?;
+        }
+        moved += 1;
+    }
+    c.execute_batch("DROP TABLE keys")?;
+    tracing::info!(
+        keys = moved,
+        "dedup store upgraded: keys are kept as 16-byte hashes"
+    );
+    Ok(())
 }
 
 /// SQL: the claim is worked on by a live holder, one whose lease has not run
 /// out at the time in parameter `now` (e.g. `"?4"`).
 fn live(now: &str) -> String {
     format!(
-        "keys.holder IS NOT NULL AND EXISTS (SELECT 1 FROM holders h
-         WHERE h.holder = keys.holder AND h.lease_until_ms >= {now})"
+        "claims.holder IS NOT NULL AND EXISTS (SELECT 1 FROM holders h
+         WHERE h.holder = claims.holder AND h.lease_until_ms >= {now})"
     )
 }
 
@@ -107,34 +159,36 @@ fn live(now: &str) -> String {
 /// this message's and no live holder works on it. ?1 key, ?2 message, ?3 holder, ?4 now.
 static CLAIM: LazyLock<String> = LazyLock::new(|| {
     format!(
-        "INSERT INTO keys(key, state, message_id, holder, attempts, handbacks, updated_ms)
+        "INSERT INTO claims(key, state, message_id, holder, attempts, handbacks, updated_ms)
          VALUES (?1, 0, ?2, ?3, 0, 0, ?4)
          ON CONFLICT(key) DO UPDATE SET
             state = 0, message_id = excluded.message_id, holder = excluded.holder,
             updated_ms = excluded.updated_ms,
-            attempts = CASE WHEN keys.state = 2 THEN 0 ELSE keys.attempts END,
-            handbacks = CASE WHEN keys.state = 2 THEN 0 ELSE keys.handbacks END
-         WHERE keys.state = 2
-            OR (keys.state = 0 AND keys.message_id = excluded.message_id AND NOT ({}))
+            attempts = CASE WHEN claims.state = 2 THEN 0 ELSE claims.attempts END,
+            handbacks = CASE WHEN claims.state = 2 THEN 0 ELSE claims.handbacks END
+         WHERE claims.state = 2
+            OR (claims.state = 0 AND claims.message_id = excluded.message_id AND NOT ({}))
          RETURNING attempts, handbacks",
         live("?4")
     )
 });
 
-/// Why a claim was not won. ?1 key, ?2 now.
+/// Who holds a claim that was not won, and whether a live holder works on
+/// it. ?1 key, ?2 now.
 static HELD: LazyLock<String> = LazyLock::new(|| {
     format!(
-        "SELECT state, message_id, updated_ms, ({}) FROM keys WHERE key = ?1",
+        "SELECT message_id, ({}) FROM claims WHERE key = ?1",
         live("?2")
     )
 });
 
-/// Old keys, never one a live holder works on (a slow delivery). ?1 cutoff,
-/// ?2 batch size, ?3 now.
-static PRUNE: LazyLock<String> = LazyLock::new(|| {
+/// Old claims (dead-lettered keys, parked ones whose message was lost),
+/// never one a live holder works on (a slow delivery). ?1 cutoff, ?2 batch
+/// size, ?3 now.
+static PRUNE_CLAIMS: LazyLock<String> = LazyLock::new(|| {
     format!(
-        "DELETE FROM keys WHERE key IN
-           (SELECT key FROM keys WHERE updated_ms < ?1 AND NOT (state = 0 AND {}) LIMIT ?2)",
+        "DELETE FROM claims WHERE key IN
+           (SELECT key FROM claims WHERE updated_ms < ?1 AND NOT (state = 0 AND {}) LIMIT ?2)",
         live("?3")
     )
 });
@@ -149,11 +203,21 @@ struct Txn<'a> {
 
 impl Txn<'_> {
     /// Takes the key if it can; when it cannot, says why.
-    fn claim(&self, key: &str, message_id: &str) -> rusqlite::Result<Claim> {
+    fn claim(&self, key: &KeyHash, message_id: &str) -> rusqlite::Result<Claim> {
+        let done: Option<i64> = self
+            .c
+            .prepare_cached("SELECT at_ms FROM done WHERE key = ?1")?
+            .query_row(params![&key[..]], |r| r.get(0))
+            .optional()?;
+        if let Some(at) = done {
+            return Ok(Claim::Done {
+                at_ms: u64::try_from(at).unwrap_or(0),
+            });
+        }
         let won: Option<(i64, i64)> = self
             .c
             .prepare_cached(&CLAIM)?
-            .query_row(params![key, message_id, self.holder, self.now], |r| {
+            .query_row(params![&key[..], message_id, self.holder, self.now], |r| {
                 Ok((r.get(0)?, r.get(1)?))
             })
             .optional()?;
@@ -163,61 +227,58 @@ impl Txn<'_> {
                 handbacks: u32::try_from(handbacks).unwrap_or(u32::MAX),
             });
         }
-        let (state, holder_msg, at, live): (i64, String, i64, bool) = self
+        let (holder_msg, live): (String, bool) = self
             .c
             .prepare_cached(&HELD)?
-            .query_row(params![key, self.now], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
-            })?;
-        Ok(if state == 1 {
-            Claim::Done {
-                at_ms: u64::try_from(at).unwrap_or(0),
-            }
-        } else if holder_msg == message_id && live {
+            .query_row(params![&key[..], self.now], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(if holder_msg == message_id && live {
             Claim::Busy
         } else {
             Claim::HeldBy(holder_msg)
         })
     }
 
-    fn done(&self, key: &str) -> rusqlite::Result<()> {
+    fn done(&self, key: &KeyHash) -> rusqlite::Result<()> {
         // Unconditional: a 2xx happened, whoever holds the claim now.
         self.c
             .prepare_cached(
-                "INSERT INTO keys(key, state, message_id, holder, updated_ms) VALUES (?1, 1, '', NULL, ?2)
-                 ON CONFLICT(key) DO UPDATE SET state = 1, holder = NULL, updated_ms = excluded.updated_ms",
+                "INSERT INTO done(key, at_ms) VALUES (?1, ?2)
+                 ON CONFLICT(key) DO UPDATE SET at_ms = excluded.at_ms",
             )?
-            .execute(params![key, self.now])?;
+            .execute(params![&key[..], self.now])?;
+        self.c
+            .prepare_cached("DELETE FROM claims WHERE key = ?1")?
+            .execute(params![&key[..]])?;
         Ok(())
     }
 
-    fn release(&self, key: &str, message_id: &str) -> rusqlite::Result<()> {
+    fn release(&self, key: &KeyHash, message_id: &str) -> rusqlite::Result<()> {
         // Only this holder's claim (or a parked one of this message): a
         // holder whose lease ran out and was taken over changes nothing.
         self.c
             .prepare_cached(
-                "UPDATE keys SET state = 2, holder = NULL, updated_ms = ?4
+                "UPDATE claims SET state = 2, holder = NULL, updated_ms = ?4
                  WHERE key = ?1 AND message_id = ?2 AND state = 0 AND (holder = ?3 OR holder IS NULL)",
             )?
-            .execute(params![key, message_id, self.holder, self.now])?;
+            .execute(params![&key[..], message_id, self.holder, self.now])?;
         Ok(())
     }
 
     fn park(
         &self,
-        key: &str,
+        key: &KeyHash,
         message_id: &str,
         attempts: u32,
         handback: bool,
     ) -> rusqlite::Result<()> {
         self.c
             .prepare_cached(
-                "UPDATE keys SET holder = NULL, updated_ms = ?4,
+                "UPDATE claims SET holder = NULL, updated_ms = ?4,
                     attempts = MAX(attempts, ?5), handbacks = handbacks + ?6
                  WHERE key = ?1 AND message_id = ?2 AND state = 0 AND holder = ?3",
             )?
             .execute(params![
-                key,
+                &key[..],
                 message_id,
                 self.holder,
                 self.now,
@@ -227,33 +288,59 @@ impl Txn<'_> {
         Ok(())
     }
 
-    fn prune(&self, older_than_ms: i64) -> rusqlite::Result<usize> {
-        let n = self.c.prepare_cached(&PRUNE)?.execute(params![
+    /// One step of a prune pass: the next [`PRUNE_SLICE`] done keys after
+    /// `after` in key order (the hashes spread evenly), of which those done
+    /// before `older_than_ms` go; and up to [`PRUNE_SLICE`] old claims. The
+    /// write lock is held for at most that many deletions.
+    fn prune(&self, older_than_ms: i64, after: Option<&KeyHash>) -> rusqlite::Result<Pruned> {
+        let after: &[u8] = after.map_or(&[], |k| &k[..]);
+        let last: Option<Vec<u8>> = self
+            .c
+            .prepare_cached("SELECT key FROM done WHERE key > ?1 ORDER BY key LIMIT 1 OFFSET ?2")?
+            .query_row(params![after, PRUNE_SLICE as i64 - 1], |r| r.get(0))
+            .optional()?;
+        let mut deleted = match &last {
+            Some(last) => self
+                .c
+                .prepare_cached("DELETE FROM done WHERE key > ?1 AND key <= ?2 AND at_ms < ?3")?
+                .execute(params![after, last, older_than_ms])?,
+            None => self
+                .c
+                .prepare_cached("DELETE FROM done WHERE key > ?1 AND at_ms < ?2")?
+                .execute(params![after, older_than_ms])?,
+        };
+        deleted += self.c.prepare_cached(&PRUNE_CLAIMS)?.execute(params![
             older_than_ms,
-            PRUNE_BATCH as i64,
+            PRUNE_SLICE as i64,
             self.now
         ])?;
         self.c
             .prepare_cached("DELETE FROM holders WHERE lease_until_ms < ?1")?
             .execute(params![older_than_ms])?;
-        Ok(n)
+        Ok(Pruned {
+            deleted,
+            next: last.and_then(|k| KeyHash::try_from(k.as_slice()).ok()),
+        })
     }
 
     fn probe(&self) -> rusqlite::Result<()> {
         // A write that changes nothing proves the file is writable now.
-        self.c
-            .execute("UPDATE keys SET state = state WHERE 0", [])?;
+        self.c.execute(
+            "UPDATE holders SET lease_until_ms = lease_until_ms WHERE 0",
+            [],
+        )?;
         Ok(())
     }
 
-    fn done_many(&self, keys: &[String], at_ms: i64) -> rusqlite::Result<()> {
-        let mut st = self.c.prepare_cached(
-            "INSERT INTO keys(key, state, message_id, holder, updated_ms) VALUES (?1, 1, '', NULL, ?2)
-             ON CONFLICT(key) DO UPDATE SET state = 1, holder = NULL,
-                updated_ms = MAX(keys.updated_ms, excluded.updated_ms)",
+    fn done_many(&self, keys: &[KeyHash], at_ms: i64) -> rusqlite::Result<()> {
+        let mut done = self.c.prepare_cached(
+            "INSERT INTO done(key, at_ms) VALUES (?1, ?2)
+             ON CONFLICT(key) DO UPDATE SET at_ms = MAX(done.at_ms, excluded.at_ms)",
         )?;
+        let mut claim = self.c.prepare_cached("DELETE FROM claims WHERE key = ?1")?;
         for key in keys {
-            st.execute(params![key, at_ms])?;
+            done.execute(params![&key[..], at_ms])?;
+            claim.execute(params![&key[..]])?;
         }
         Ok(())
     }
@@ -378,8 +465,9 @@ impl Request {
             } => hold(reply, txn.park(&key, &message_id, attempts, handback)),
             Op::Prune {
                 older_than_ms,
+                after,
                 reply,
-            } => hold(reply, txn.prune(older_than_ms)),
+            } => hold(reply, txn.prune(older_than_ms, after.as_ref())),
             Op::Probe { reply } => hold(reply, txn.probe()),
             Op::DoneMany { keys, at_ms, reply } => hold(reply, txn.done_many(&keys, at_ms)),
             Op::Position { log, reply } => hold(reply, txn.read_position(&log)),

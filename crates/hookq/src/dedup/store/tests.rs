@@ -132,9 +132,9 @@ async fn prune_removes_only_old_keys_and_never_a_live_claim() {
     let long_ago = now_ms() - 3_600_000;
     s.done_at("old", long_ago).await.unwrap();
     s.claim_at("live", "m", long_ago).await.unwrap();
-    assert_eq!(s.prune(Duration::from_secs(60)).await.unwrap(), 1);
+    assert_eq!(pass(&s, Duration::from_secs(60)).await, 1);
     s.done("new").await.unwrap();
-    assert_eq!(s.prune(Duration::from_secs(60)).await.unwrap(), 0);
+    assert_eq!(pass(&s, Duration::from_secs(60)).await, 0);
     assert_eq!(s.claim("old", "m").await.unwrap(), claimed(0, 0));
     assert!(matches!(
         s.claim("new", "m").await.unwrap(),
@@ -143,29 +143,132 @@ async fn prune_removes_only_old_keys_and_never_a_live_claim() {
     assert_eq!(s.claim("live", "m").await.unwrap(), Claim::Busy);
 }
 
+/// Runs a whole prune pass; returns what it deleted.
+async fn pass(s: &Store, retention: Duration) -> usize {
+    let (mut after, mut deleted) = (None, 0);
+    loop {
+        let step = s.prune(retention, after).await.unwrap();
+        deleted += step.deleted;
+        match step.next {
+            Some(next) => after = Some(next),
+            None => return deleted,
+        }
+    }
+}
+
 #[tokio::test]
-async fn a_file_of_the_first_release_is_upgraded_in_place() {
+async fn a_prune_pass_walks_every_slice_and_keeps_what_is_young() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(&dir.path().join("d.db"), LEASE, Box::new(|| {}));
+    let long_ago = now_ms() - 3_600_000;
+    let n = PRUNE_SLICE * 2 + 300;
+    let old: Vec<String> = (0..n).map(|i| format!("old{i}")).collect();
+    let young: Vec<String> = (0..n).map(|i| format!("young{i}")).collect();
+    s.done_many(old.clone(), u64::try_from(long_ago).unwrap())
+        .await
+        .unwrap();
+    s.done_many(young.clone(), u64::try_from(now_ms()).unwrap())
+        .await
+        .unwrap();
+    // Each step looks at one slice: the pass takes several, and ends.
+    let (mut after, mut steps, mut deleted) = (None, 0, 0);
+    loop {
+        let step = s.prune(Duration::from_secs(60), after).await.unwrap();
+        assert!(step.deleted <= PRUNE_SLICE, "{step:?}");
+        deleted += step.deleted;
+        steps += 1;
+        match step.next {
+            Some(next) => after = Some(next),
+            None => break,
+        }
+    }
+    assert_eq!(deleted, n);
+    assert_eq!(steps, (2 * n).div_ceil(PRUNE_SLICE));
+    assert_eq!(s.claim("old7", "m").await.unwrap(), claimed(0, 0));
+    assert!(matches!(
+        s.claim("young7", "m").await.unwrap(),
+        Claim::Done { .. }
+    ));
+}
+
+/// The store's size target: 64 bytes a remembered key or less, on disk.
+#[tokio::test]
+async fn a_remembered_key_takes_under_64_bytes_on_disk() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("d.db");
-    {
-        let c = Connection::open(&path).unwrap();
-        c.execute_batch(
-            "CREATE TABLE keys (key TEXT PRIMARY KEY, state INTEGER NOT NULL,
-               message_id TEXT NOT NULL, updated_ms INTEGER NOT NULL) WITHOUT ROWID;
-             INSERT INTO keys VALUES ('done', 1, '', 5), ('held', 0, 'm1', 5);",
-        )
-        .unwrap();
-    }
     let s = Store::open(&path, LEASE, Box::new(|| {}));
-    assert_eq!(
-        s.claim("done", "m").await.unwrap(),
-        Claim::Done { at_ms: 5 }
-    );
-    assert_eq!(
-        s.claim("held", "m2").await.unwrap(),
-        Claim::HeldBy("m1".into())
-    );
-    assert_eq!(s.claim("held", "m1").await.unwrap(), claimed(0, 0));
+    let n = 50_000;
+    for chunk in 0..10 {
+        // Keys as long as a body-hash key: "source:" and 64 hex digits.
+        let keys = (0..n / 10)
+            .map(|i| format!("github:{:064x}", chunk * n + i))
+            .collect();
+        s.done_many(keys, u64::try_from(now_ms()).unwrap())
+            .await
+            .unwrap();
+    }
+    drop(s);
+    let c = Connection::open(&path).unwrap();
+    c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+        .unwrap();
+    let bytes = std::fs::metadata(&path).unwrap().len();
+    let per_key = bytes / n;
+    assert!(per_key <= 64, "{per_key} bytes a key ({bytes} for {n})");
+}
+
+#[tokio::test]
+async fn files_of_earlier_releases_are_upgraded_in_place() {
+    for (schema, rows) in [
+        // The first release: no holder, no counts.
+        (
+            "CREATE TABLE keys (key TEXT PRIMARY KEY, state INTEGER NOT NULL,
+               message_id TEXT NOT NULL, updated_ms INTEGER NOT NULL) WITHOUT ROWID;",
+            "INSERT INTO keys VALUES ('done', 1, '', 5), ('held', 0, 'm1', 5),
+               ('gone', 2, 'm9', 5);",
+        ),
+        // Readable keys with holders and counts, and the index on time.
+        (
+            "CREATE TABLE keys (key TEXT PRIMARY KEY, state INTEGER NOT NULL,
+               message_id TEXT NOT NULL, updated_ms INTEGER NOT NULL, holder TEXT,
+               attempts INTEGER NOT NULL DEFAULT 0, handbacks INTEGER NOT NULL DEFAULT 0)
+               WITHOUT ROWID;
+             CREATE INDEX keys_updated ON keys(updated_ms);",
+            "INSERT INTO keys VALUES ('done', 1, '', 5, NULL, 0, 0),
+               ('held', 0, 'm1', 5, NULL, 0, 0), ('gone', 2, 'm9', 5, NULL, 0, 0),
+               ('parked', 0, 'm2', 5, NULL, 3, 1);",
+        ),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.db");
+        Connection::open(&path)
+            .unwrap()
+            .execute_batch(&format!("{schema}{rows}"))
+            .unwrap();
+        let s = Store::open(&path, LEASE, Box::new(|| {}));
+        assert_eq!(
+            s.claim("done", "m").await.unwrap(),
+            Claim::Done { at_ms: 5 }
+        );
+        assert_eq!(
+            s.claim("held", "m2").await.unwrap(),
+            Claim::HeldBy("m1".into())
+        );
+        assert_eq!(s.claim("held", "m1").await.unwrap(), claimed(0, 0));
+        assert_eq!(s.claim("gone", "m3").await.unwrap(), claimed(0, 0));
+        if schema.contains("attempts") {
+            assert_eq!(s.claim("parked", "m2").await.unwrap(), claimed(3, 1));
+        }
+        drop(s);
+        let tables: i64 = Connection::open(&path)
+            .unwrap()
+            .query_row(
+                "SELECT count(*) FROM sqlite_master WHERE name IN ('keys', 'keys_updated')",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(tables, 0, "the old table is gone");
+    }
 }
 
 /// A lease for batches run without a store thread.
@@ -192,12 +295,13 @@ fn answers_are_sent_only_once_their_batch_has_committed() {
     let (prune, mut prune_answer) = oneshot::channel();
     let batch = vec![
         request(Op::Claim {
-            key: "k".into(),
+            key: key_hash("k"),
             message_id: "m1".into(),
             reply: claim,
         }),
         request(Op::Prune {
             older_than_ms: 0,
+            after: None,
             reply: prune,
         }),
     ];
@@ -211,7 +315,13 @@ fn answers_are_sent_only_once_their_batch_has_committed() {
         answer.send();
     }
     assert_eq!(claim_answer.try_recv().unwrap().unwrap(), claimed(0, 0));
-    assert_eq!(prune_answer.try_recv().unwrap().unwrap(), 0);
+    assert_eq!(
+        prune_answer.try_recv().unwrap().unwrap(),
+        Pruned {
+            deleted: 0,
+            next: None
+        }
+    );
 }
 
 #[test]
@@ -225,11 +335,11 @@ fn a_failed_batch_gives_every_waiter_its_error_and_keeps_nothing() {
     let (probe, mut never_ran) = oneshot::channel();
     let batch = vec![
         request(Op::Done {
-            key: "a".into(),
+            key: key_hash("a"),
             reply: done,
         }),
         request(Op::Claim {
-            key: "k".into(),
+            key: key_hash("k"),
             message_id: "m1".into(),
             reply: claim,
         }),
@@ -260,7 +370,7 @@ fn a_failed_batch_gives_every_waiter_its_error_and_keeps_nothing() {
     );
     // The done that ran before the failure was rolled back.
     let keys: i64 = c
-        .query_row("SELECT count(*) FROM keys", [], |r| r.get(0))
+        .query_row("SELECT count(*) FROM done", [], |r| r.get(0))
         .unwrap();
     assert_eq!(keys, 0);
 }
@@ -274,7 +384,7 @@ async fn a_file_that_cannot_be_opened_fails_each_request_until_it_can() {
     let s = Store::open(&path, LEASE, Box::new(|| {}));
     let err = s.claim("k", "m1").await.unwrap_err();
     assert_eq!(err.path, path.display().to_string());
-    assert!(s.prune(Duration::from_secs(60)).await.is_err());
+    assert!(s.prune(Duration::from_secs(60), None).await.is_err());
     assert!(!s.is_healthy());
     // Fixed: the next request opens the file.
     std::fs::remove_dir(&path).unwrap();
