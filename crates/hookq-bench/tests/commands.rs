@@ -256,7 +256,12 @@ async fn bench_store_measures_each_size_without_a_broker() {
         // The claim phases add their own new keys to what was filled.
         assert!(num(row, "keys") > filled, "{row}");
         assert!(num(row, "bytes_per_key") <= 64.0, "{row}");
-        for figure in ["fill_per_s", "claim_done_per_s", "prune_step_max_ms"] {
+        for figure in [
+            "fill_per_s",
+            "claim_done_per_s",
+            "read_done_per_s",
+            "prune_step_max_ms",
+        ] {
             assert!(num(row, figure) > 0.0, "{figure}: {row}");
         }
     }

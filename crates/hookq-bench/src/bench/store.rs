@@ -28,8 +28,12 @@ pub struct StoreFigures {
     pub bytes_per_key: f64,
     /// Keys recorded per second while filling up to this size (done-log catch-up's path).
     pub fill_per_s: f64,
-    /// New keys claimed and then done per second, `CLAIMS_IN_FLIGHT` at a time.
+    /// New keys claimed and then done per second, `CLAIMS_IN_FLIGHT` at a
+    /// time: a shared work queue's two writes a message.
     pub claim_done_per_s: f64,
+    /// New keys looked up and then done per second, as many at a time: a
+    /// partition delivered alone, whose claims are in memory (one write).
+    pub read_done_per_s: f64,
     /// Longest and mean time of a prune step that deletes a whole slice (the write lock's hold).
     pub prune_step_max_ms: f64,
     pub prune_step_mean_ms: f64,
@@ -65,7 +69,8 @@ pub async fn run(sizes: &[u64]) -> anyhow::Result<Vec<StoreFigures>> {
             }
         }
         let fill_per_s = (filled - from) as f64 / started.elapsed().as_secs_f64().max(1e-9);
-        let claim_done_per_s = claim_and_done(&store, &mut next_claim).await?;
+        let claim_done_per_s = claim_and_done(&store, &mut next_claim, false).await?;
+        let read_done_per_s = claim_and_done(&store, &mut next_claim, true).await?;
         let keys = filled + (next_claim - claimed_from);
         let bytes_per_key = file_bytes(&path)? as f64 / keys as f64;
         let (prune_step_max_ms, prune_step_mean_ms) = prune_steps(&store).await?;
@@ -74,6 +79,7 @@ pub async fn run(sizes: &[u64]) -> anyhow::Result<Vec<StoreFigures>> {
             bytes_per_key,
             fill_per_s,
             claim_done_per_s,
+            read_done_per_s,
             prune_step_max_ms,
             prune_step_mean_ms,
         });
@@ -81,20 +87,24 @@ pub async fn run(sizes: &[u64]) -> anyhow::Result<Vec<StoreFigures>> {
     Ok(figures)
 }
 
-/// What a worker does per message on a shared queue: a claim, then a done.
-async fn claim_and_done(store: &Store, next: &mut u64) -> anyhow::Result<f64> {
+/// What a worker does per message on a shared queue: a claim, then a done;
+/// `alone`: on a partition it delivers alone, a read, then a done.
+async fn claim_and_done(store: &Store, next: &mut u64, alone: bool) -> anyhow::Result<f64> {
     let from = *next;
     *next += CLAIMS;
     let started = Instant::now();
     let mut runs = futures::stream::iter(from..from + CLAIMS)
         .map(|i| async move {
             let k = key(i);
+            if alone {
+                return match store.done_at_ms(&k).await? {
+                    None => store.done(&k).await,
+                    Some(_) => Err(not_new("done already")),
+                };
+            }
             match store.claim(&k, "bench").await? {
                 Claim::Claimed { .. } => store.done(&k).await,
-                other => Err(hookq::dedup::store::Error {
-                    path: "bench".into(),
-                    message: format!("a new key was not claimed: {other:?}"),
-                }),
+                other => Err(not_new(&format!("{other:?}"))),
             }
         })
         .buffer_unordered(CLAIMS_IN_FLIGHT);
@@ -102,6 +112,13 @@ async fn claim_and_done(store: &Store, next: &mut u64) -> anyhow::Result<f64> {
         r?;
     }
     Ok(CLAIMS as f64 / started.elapsed().as_secs_f64().max(1e-9))
+}
+
+fn not_new(what: &str) -> hookq::dedup::store::Error {
+    hookq::dedup::store::Error {
+        path: "bench".into(),
+        message: format!("a new key was not new: {what}"),
+    }
 }
 
 /// The main file's size once the WAL is folded into it: what the keys take.
@@ -129,16 +146,17 @@ async fn prune_steps(store: &Store) -> anyhow::Result<(f64, f64)> {
 
 pub fn print_table(figures: &[StoreFigures]) {
     hookq::cli::print(format!(
-        "{:>12} {:>10} {:>12} {:>16} {:>18}",
-        "keys", "bytes/key", "fill/s", "claim+done/s", "prune step max/mean ms"
+        "{:>12} {:>10} {:>12} {:>14} {:>14} {:>24}",
+        "keys", "bytes/key", "fill/s", "claim+done/s", "read+done/s", "prune step max/mean ms"
     ));
     for f in figures {
         hookq::cli::print(format!(
-            "{:>12} {:>10.1} {:>12.0} {:>16.0} {:>12.1} / {:.1}",
+            "{:>12} {:>10.1} {:>12.0} {:>14.0} {:>14.0} {:>18.1} / {:.1}",
             f.keys,
             f.bytes_per_key,
             f.fill_per_s,
             f.claim_done_per_s,
+            f.read_done_per_s,
             f.prune_step_max_ms,
             f.prune_step_mean_ms
         ));

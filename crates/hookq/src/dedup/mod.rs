@@ -3,10 +3,19 @@
 //!
 //! The LRU only caches a fact SQLite already holds ("this key is done"), so it
 //! can answer repeats without a round trip to the store thread but can never make
-//! a decision SQLite would not. Claims always go to SQLite.
+//! a decision SQLite would not.
+//!
+//! **Claims** go to SQLite when workers share a work queue: any of them may
+//! get any copy of a key, so the claim must be one all of them see. With
+//! partitions, a partition's single active consumer is the only one that
+//! delivers its keys, and the processes of one host hand a partition over
+//! through the store ([`store::Store::take_partition`]): its claims are kept
+//! in memory ([`Dedup::check_alone`]), and the done is the one durable write
+//! a message costs.
 
 pub mod store;
 
+use std::collections::HashMap;
 use std::num::NonZeroUsize;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -51,10 +60,6 @@ pub enum Check<'a> {
     StillBeingDelivered,
 }
 
-/// A claim this worker holds. Receipt it exactly once: [`Held::done`],
-/// [`Held::release`] or [`Held::park`]. One that is dropped unsettled (a task
-/// that panicked) is parked in the background, so that the message's next
-/// copy can take it without waiting for this process's lease to run out.
 /// Why a claim is parked.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Parked {
@@ -65,6 +70,11 @@ pub enum Parked {
     RepublishRefused,
 }
 
+/// A claim this worker holds. Receipt it exactly once: [`Held::done`],
+/// [`Held::release`] or [`Held::park`]. One that is dropped unsettled (a task
+/// that panicked) is parked (in the background, for a claim in the store),
+/// so that the message's next copy can take it without waiting for this
+/// process's lease to run out.
 pub struct Held<'a> {
     dedup: &'a Dedup,
     key: DedupKey,
@@ -74,6 +84,8 @@ pub struct Held<'a> {
     /// Republishes of this message the broker refused so far.
     pub handbacks: u32,
     settled: AtomicBool,
+    /// The claim is in memory (a partition this process delivers alone).
+    alone: bool,
 }
 
 impl Held<'_> {
@@ -89,12 +101,19 @@ impl Held<'_> {
         let r = self.dedup.store.done(&self.key.0).await;
         if r.is_ok() {
             self.dedup.remember(&self.key);
+            if self.alone {
+                self.dedup.local().live.remove(&self.key.0);
+            }
         }
         self.finish(r)
     }
 
     /// Lets the key be claimed again: its message is being dead-lettered.
     pub async fn release(&self) -> Result<(), Error> {
+        if self.alone {
+            self.dedup.local().live.remove(&self.key.0);
+            return self.finish(Ok(()));
+        }
         let r = self
             .dedup
             .store
@@ -107,6 +126,10 @@ impl Held<'_> {
     /// queue after a hand-back), with the failed attempts so far.
     pub async fn park(&self, attempts: u32, why: Parked) -> Result<(), Error> {
         let refused = why == Parked::RepublishRefused;
+        if self.alone {
+            self.park_local(attempts, u32::from(refused));
+            return self.finish(Ok(()));
+        }
         let r = self
             .dedup
             .store
@@ -114,11 +137,27 @@ impl Held<'_> {
             .await;
         self.finish(r)
     }
+
+    fn park_local(&self, attempts: u32, refused: u32) {
+        let mut local = self.dedup.local();
+        local.live.remove(&self.key.0);
+        let parked = LocalPark {
+            message_id: self.message_id.clone(),
+            attempts: attempts.max(self.attempts),
+            handbacks: self.handbacks.saturating_add(refused),
+        };
+        local.parked.put(self.key.0.clone(), parked);
+    }
 }
 
 impl Drop for Held<'_> {
     fn drop(&mut self) {
-        if !self.settled.load(Ordering::Relaxed) {
+        if self.settled.load(Ordering::Relaxed) {
+            return;
+        }
+        if self.alone {
+            self.park_local(self.attempts, 0);
+        } else {
             self.dedup
                 .store
                 .park_in_background(&self.key.0, &self.message_id.0, self.attempts);
@@ -126,10 +165,28 @@ impl Drop for Held<'_> {
     }
 }
 
+/// The claims of keys this process delivers alone (see the module's doc).
+struct Local {
+    /// Keys being delivered, and the message delivering each.
+    live: HashMap<String, MessageId>,
+    /// Keys whose message waits for its next copy (a delay tier, a
+    /// hand-back). Bounded: a key forgotten here only lets a duplicate copy
+    /// of it be delivered while its message waits, and whichever of the two
+    /// comes second finds the key done.
+    parked: LruCache<String, LocalPark>,
+}
+
+struct LocalPark {
+    message_id: MessageId,
+    attempts: u32,
+    handbacks: u32,
+}
+
 pub struct Dedup {
     /// Keys known done, with when SQLite's record of them expires (epoch ms): an
     /// entry past it is not trusted (SQLite may have pruned the key).
     lru: Mutex<LruCache<String, u64>>,
+    local: Mutex<Local>,
     store: Store,
     retention: Duration,
 }
@@ -140,6 +197,10 @@ impl Dedup {
         let cap = NonZeroUsize::new(settings.lru_capacity).unwrap_or(NonZeroUsize::MIN);
         Self {
             lru: Mutex::new(LruCache::new(cap)),
+            local: Mutex::new(Local {
+                live: HashMap::new(),
+                parked: LruCache::new(cap),
+            }),
             store: Store::open(
                 &settings.path,
                 settings.lease,
@@ -155,6 +216,13 @@ impl Dedup {
 
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    fn local(&self) -> std::sync::MutexGuard<'_, Local> {
+        // Nothing panics while holding it; a poisoned lock's data is still whole.
+        self.local
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn retention_ms(&self) -> u64 {
@@ -206,6 +274,7 @@ impl Dedup {
                     attempts,
                     handbacks,
                     settled: AtomicBool::new(false),
+                    alone: false,
                 }),
                 Claim::Done { at_ms } => {
                     // Trusted only as long as SQLite keeps the record: until its own
@@ -217,6 +286,64 @@ impl Dedup {
                 Claim::Busy => Check::StillBeingDelivered,
             },
         )
+    }
+
+    /// [`Dedup::check`] for a message of a partition this process delivers
+    /// alone (its single active consumer, the partition taken in the store):
+    /// the claim is kept in memory, and the store is only read.
+    pub async fn check_alone(
+        &self,
+        key: &DedupKey,
+        message_id: &MessageId,
+    ) -> Result<Check<'_>, Error> {
+        let now = epoch_ms();
+        if self.lru_has(&key.0, now) {
+            return Ok(Check::Done(Tier::Lru));
+        }
+        let (attempts, handbacks) = {
+            let mut local = self.local();
+            if let Some(holder) = local.live.get(&key.0) {
+                return Ok(if holder == message_id {
+                    Check::StillBeingDelivered
+                } else {
+                    Check::HeldByAnother {
+                        holder: holder.0.clone(),
+                    }
+                });
+            }
+            let earlier = match local.parked.peek(&key.0) {
+                Some(p) if p.message_id != *message_id => {
+                    let holder = p.message_id.0.clone();
+                    return Ok(Check::HeldByAnother { holder });
+                }
+                Some(p) => (p.attempts, p.handbacks),
+                None => (0, 0),
+            };
+            local.parked.pop(&key.0);
+            local.live.insert(key.0.clone(), message_id.clone());
+            earlier
+        };
+        // Claimed before the read, so a copy that comes meanwhile waits.
+        let held = Held {
+            dedup: self,
+            key: key.clone(),
+            message_id: message_id.clone(),
+            attempts,
+            handbacks,
+            settled: AtomicBool::new(false),
+            alone: true,
+        };
+        match self.store.done_at_ms(&key.0).await {
+            Ok(None) => Ok(Check::Deliver(held)),
+            Ok(Some(at_ms)) => {
+                held.settled.store(true, Ordering::Relaxed);
+                self.local().live.remove(&key.0);
+                self.remember_until(key, at_ms.saturating_add(self.retention_ms()));
+                Ok(Check::Done(Tier::Sqlite))
+            }
+            // Dropped unsettled: parked again, as it was.
+            Err(e) => Err(e),
+        }
     }
 
     /// Prunes keys older than the retention until `shutdown`: a pass over the
@@ -310,5 +437,62 @@ mod tests {
             d.check(&key, &id).await.unwrap(),
             Check::Deliver(_)
         ));
+    }
+
+    #[tokio::test]
+    async fn claims_kept_alone_are_in_memory_and_only_the_done_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dedup(dir.path(), 300_000);
+        let key = DedupKey("s:k".into());
+        let (m1, m2) = (MessageId::new(), MessageId::new());
+        let Check::Deliver(held) = d.check_alone(&key, &m1).await.unwrap() else {
+            panic!("a new key is not claimed");
+        };
+        // Its redelivery waits; another message with the key is a duplicate.
+        assert!(matches!(
+            d.check_alone(&key, &m1).await.unwrap(),
+            Check::StillBeingDelivered
+        ));
+        assert!(matches!(
+            d.check_alone(&key, &m2).await.unwrap(),
+            Check::HeldByAnother { .. }
+        ));
+        // Parked with its attempts: the next copy takes them, not another message.
+        held.park(3, Parked::RepublishRefused).await.unwrap();
+        drop(held);
+        assert!(matches!(
+            d.check_alone(&key, &m2).await.unwrap(),
+            Check::HeldByAnother { .. }
+        ));
+        let Check::Deliver(held) = d.check_alone(&key, &m1).await.unwrap() else {
+            panic!("the parked claim is not its message's");
+        };
+        assert_eq!((held.attempts, held.handbacks), (3, 1));
+        // Dropped unsettled (a task that panicked): parked, not lost.
+        drop(held);
+        let Check::Deliver(held) = d.check_alone(&key, &m1).await.unwrap() else {
+            panic!("a dropped claim is not parked");
+        };
+        // Dead-lettered: claimable from scratch by anyone.
+        held.release().await.unwrap();
+        drop(held);
+        let Check::Deliver(held) = d.check_alone(&key, &m2).await.unwrap() else {
+            panic!("a released key is not claimed");
+        };
+        assert_eq!((held.attempts, held.handbacks), (0, 0));
+        // No claim reached the file: another process on the host, with a
+        // shared queue's claims, finds the key free.
+        let other = dedup(dir.path(), 300_000);
+        assert!(matches!(
+            other.store().claim("s:k", "m3").await.unwrap(),
+            Claim::Claimed { .. }
+        ));
+        // The done does, and that process sees it.
+        held.done().await.unwrap();
+        drop(held);
+        assert_eq!(
+            tier(&other.check_alone(&key, &m1).await.unwrap()),
+            Some(Tier::Sqlite)
+        );
     }
 }

@@ -89,4 +89,10 @@ impl Republish for BrokerRepublish {
             None => Ok(()),
         }
     }
+
+    /// With partitions, every message this worker runs came through its
+    /// partition's activation, which took the partition in the store.
+    fn alone(&self) -> bool {
+        self.done_log.is_some()
+    }
 }

@@ -165,6 +165,80 @@ pub enum CatchUpError {
     /// The record this host read last is not at its offset any more.
     #[error("the done-log's record at the stored position is another one")]
     NotThere,
+    /// The worker gave up waiting for the partition (its grace period ended).
+    #[error("stopping")]
+    Stopping,
+}
+
+/// First wait, and longest, between tries to take a partition that another
+/// process on this host holds.
+const TAKE_WAIT_MIN: Duration = Duration::from_millis(20);
+const TAKE_WAIT_MAX: Duration = Duration::from_secs(1);
+
+/// This process's hold on one partition in the host's store, counted: its
+/// consumers of the partition (one per connection, the last one's
+/// deliveries maybe still finishing) take it while busy and leave it when
+/// idle. The store row goes when the last one leaves; until then another
+/// process on the host that becomes the partition's active consumer waits,
+/// so a key's in-memory claim and the next process's never overlap.
+pub(super) struct Fence {
+    store: Store,
+    log: String,
+    takers: tokio::sync::Mutex<usize>,
+}
+
+impl Fence {
+    pub(super) fn new(store: Store, log: String) -> Self {
+        Self {
+            store,
+            log,
+            takers: tokio::sync::Mutex::new(0),
+        }
+    }
+
+    /// Takes the partition, waiting while another live process on the host
+    /// holds it; false when `abandon` fires first.
+    async fn take(&self, abandon: &tokio_util::sync::CancellationToken) -> bool {
+        let mut takers = self.takers.lock().await;
+        if *takers == 0 {
+            let mut wait = TAKE_WAIT_MIN;
+            let mut said = false;
+            loop {
+                match self.store.take_partition(&self.log).await {
+                    Ok(true) => break,
+                    Ok(false) if !said => {
+                        said = true;
+                        tracing::info!(partition = %self.log, "another worker process on this host still delivers this partition's messages; waiting for them to end");
+                    }
+                    // A failing store is logged by the store; wait and try again.
+                    Ok(false) | Err(_) => {}
+                }
+                tokio::select! {
+                    _ = abandon.cancelled() => return false,
+                    _ = tokio::time::sleep(wait) => {}
+                }
+                wait = (wait * 2).min(TAKE_WAIT_MAX);
+            }
+        }
+        *takers += 1;
+        true
+    }
+
+    /// Leaves the partition once its last taker here does. The row must go,
+    /// or another process would wait for this one as long as it lives: a
+    /// failing store is tried again until it takes the leave.
+    async fn leave(&self) {
+        let mut takers = self.takers.lock().await;
+        *takers = takers.saturating_sub(1);
+        if *takers > 0 {
+            return;
+        }
+        let mut wait = TAKE_WAIT_MIN;
+        while self.store.leave_partition(&self.log).await.is_err() {
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(TAKE_WAIT_MAX);
+        }
+    }
 }
 
 /// Takes every waiting append, groups them by partition, writes one record
@@ -219,6 +293,9 @@ async fn append_forever(broker: Broker, mut rx: mpsc::UnboundedReceiver<(u32, De
 /// flight fell to none ([`Activation::idle`]).
 pub(super) struct Activation {
     partition: u32,
+    /// This process's hold on the partition in the store, taken for each
+    /// busy spell before the done-log is read.
+    fence: Arc<Fence>,
     /// Set once the done-log is read for the current busy spell.
     read: std::sync::Mutex<Arc<tokio::sync::OnceCell<()>>>,
     /// Reads since the subscription began (the first one is logged at info).
@@ -235,22 +312,27 @@ const CATCH_UP_PAUSE: Duration = Duration::from_millis(500);
 const CATCH_UP_PAUSE_MAX: Duration = Duration::from_secs(30);
 
 impl Activation {
-    pub(super) fn new(partition: u32) -> Self {
+    pub(super) fn new(partition: u32, fence: Arc<Fence>) -> Self {
         Self {
             partition,
+            fence,
             read: std::sync::Mutex::new(Arc::new(tokio::sync::OnceCell::new())),
             reads: Default::default(),
             failures: Default::default(),
         }
     }
 
-    /// None of the partition's messages is in flight: the next one reads the
-    /// done-log first.
+    /// None of the partition's messages is in flight (or will be: the
+    /// consumer ended and what it left has finished): the next one reads the
+    /// done-log first, and this process leaves the partition to whichever
+    /// takes it next.
     pub(super) fn idle(&self) {
         if let Ok(mut cell) = self.read.lock()
             && cell.initialized()
         {
             *cell = Arc::new(tokio::sync::OnceCell::new());
+            let fence = self.fence.clone();
+            tokio::spawn(async move { fence.leave().await });
         }
     }
 
@@ -265,8 +347,17 @@ impl Activation {
         let i = self.partition;
         let read = cell
             .get_or_try_init(|| async {
+                if !self.fence.take(&step.abandon).await {
+                    return Err(CatchUpError::Stopping);
+                }
                 let started = std::time::Instant::now();
-                let applied = log.catch_up(i).await?;
+                let applied = match log.catch_up(i).await {
+                    Ok(applied) => applied,
+                    Err(e) => {
+                        self.fence.leave().await;
+                        return Err(e);
+                    }
+                };
                 let first = self.reads.fetch_add(1, Ordering::Relaxed) == 0;
                 step.events
                     .partition_read(i, applied, started.elapsed(), first);
@@ -278,6 +369,7 @@ impl Activation {
                 self.failures.store(0, Ordering::Relaxed);
                 true
             }
+            Err(CatchUpError::Stopping) => false,
             Err(e) => {
                 let n = self.failures.fetch_add(1, Ordering::Relaxed).min(16);
                 let pause = CATCH_UP_PAUSE

@@ -42,7 +42,7 @@ use crate::events::Events;
 use crate::retry::Policy;
 use crate::targets::Targets;
 use broker_side::{BrokerRepublish, message};
-use handover::{Activation, DoneLog};
+use handover::{Activation, DoneLog, Fence};
 
 /// How long a republish (to a delay tier or `P.dead`) waits for its confirm.
 /// The message is held meanwhile, so a long wait costs nothing but a slot; a
@@ -95,6 +95,8 @@ struct Subscription {
     stagger: Duration,
     out: Arc<BrokerRepublish>,
     done_log: Option<Arc<DoneLog>>,
+    /// This process's hold on the partition in the store (with partitions).
+    fence: Arc<Fence>,
     /// Where a consumer's unfinished messages finish after it ends.
     tracker: TaskTracker,
 }
@@ -198,6 +200,7 @@ impl Worker {
                 stagger,
                 out: out.clone(),
                 done_log: done_log.clone(),
+                fence: Arc::new(Fence::new(self.step.dedup.store().clone(), topo.done(i))),
                 tracker: tracker.clone(),
             };
             loops.spawn(self.clone().subscribe(ctx));
@@ -256,7 +259,7 @@ impl Worker {
             let part = Partition {
                 index: ctx.index,
                 consumer,
-                activation: Arc::new(Activation::new(ctx.index)),
+                activation: Arc::new(Activation::new(ctx.index, ctx.fence.clone())),
             };
             let part = self.clone().consume(part, &ctx).await;
             if shutdown.is_cancelled() {
@@ -379,10 +382,12 @@ impl Worker {
                 }
             });
         }
-        if !running.is_empty() {
-            ctx.tracker
-                .spawn(async move { while running.next().await.is_some() {} });
-        }
+        // What the consumer left finishes; then the partition is left.
+        let activation = part.activation.clone();
+        ctx.tracker.spawn(async move {
+            while running.next().await.is_some() {}
+            activation.idle();
+        });
         part
     }
 

@@ -64,6 +64,12 @@ pub trait Republish: Send + Sync {
     /// With partitions: appends the key to its partition's done-log (with
     /// confirm), after the 2xx is recorded and before the ack.
     fn done(&self, env: &Envelope) -> impl Future<Output = Result<(), broker::Error>> + Send;
+    /// Whether this worker delivers the message's partition alone (with
+    /// partitions: its single active consumer, the partition taken in the
+    /// store), so that its claim can be kept in memory.
+    fn alone(&self) -> bool {
+        false
+    }
 }
 
 /// Polling a claim that a live holder works on: from this, doubling to [`BUSY_MAX`].
@@ -279,7 +285,13 @@ impl Processor {
         let mut busy_wait = BUSY_MIN;
         loop {
             let check = self
-                .persist("claim", || self.dedup.check(&env.key, &env.message_id))
+                .persist("claim", || async {
+                    if out.alone() {
+                        self.dedup.check_alone(&env.key, &env.message_id).await
+                    } else {
+                        self.dedup.check(&env.key, &env.message_id).await
+                    }
+                })
                 .await;
             match check {
                 None => return Claimed::Settled(self.hand_back(msg).await),

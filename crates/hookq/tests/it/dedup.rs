@@ -274,6 +274,18 @@ fn connections_of(env: &TestEnv, part: &str) -> Vec<String> {
 /// answers 2xx to each key exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dropped_connection_with_deliveries_in_flight_does_not_deliver_twice() {
+    dropped_connection_with_deliveries_in_flight(1).await
+}
+
+/// The same with partitions, whose claims are in memory: the second worker
+/// becomes the partitions' active consumer, and waits to take them in the
+/// store until the first one's deliveries have ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_connection_with_deliveries_in_flight_does_not_deliver_twice_on_partitions() {
+    dropped_connection_with_deliveries_in_flight(2).await
+}
+
+async fn dropped_connection_with_deliveries_in_flight(partitions: u32) {
     // Slow enough that the deliveries are still running when the connection
     // goes (rabbitmqctl takes a second or more per call on a busy machine).
     let target = FakeTarget::start_slow(Duration::from_secs(10), |_, _| {
@@ -282,6 +294,7 @@ async fn a_dropped_connection_with_deliveries_in_flight_does_not_deliver_twice()
     .await;
     let mut env = TestEnv::new("dropconn").with_target(&target.url);
     env.settings.worker.timeout = Duration::from_millis(30_000);
+    env.settings.amqp.partitions = partitions;
     let ingress = env.start(Parts::Ingress).await;
     let c = Client::new(ingress.ingress_addr.unwrap());
     wait_until(T, "ingress ready", || async {

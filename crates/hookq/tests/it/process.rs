@@ -61,6 +61,8 @@ struct FakeOut {
     held: Mutex<Vec<(String, Envelope)>>,
     fail_appends: std::sync::atomic::AtomicU32,
     appended: Mutex<Vec<String>>,
+    /// Claims in memory, as for a partition the worker delivers alone.
+    alone: std::sync::atomic::AtomicBool,
 }
 
 impl Republish for FakeOut {
@@ -98,6 +100,9 @@ impl Republish for FakeOut {
         }
         self.appended.lock().unwrap().push(env.key.0.clone());
         Ok(())
+    }
+    fn alone(&self) -> bool {
+        self.alone.load(std::sync::atomic::Ordering::SeqCst)
     }
 }
 
@@ -195,10 +200,12 @@ async fn run(rig: &Rig, env: &Envelope) -> (Outcome, Arc<Mutex<Ledger>>) {
     (outcome, ledger)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_2xx_is_recorded_and_acked_and_a_copy_is_a_duplicate() {
+async fn a_2xx_is_recorded_and_acked_and_a_copy_is_a_duplicate(alone: bool) {
     let target = FakeTarget::ok().await;
     let r = rig(&target, 3, 2);
+    r.out
+        .alone
+        .store(alone, std::sync::atomic::Ordering::SeqCst);
     let env = webhook("a");
     let (outcome, ledger) = run(&r, &env).await;
     assert_eq!(outcome, Outcome::Delivered { attempt: 1 });
@@ -215,10 +222,12 @@ async fn a_2xx_is_recorded_and_acked_and_a_copy_is_a_duplicate() {
 /// With partitions, a 2xx whose done-log append failed goes back (recorded
 /// in the store); its redelivery, a duplicate here, is appended before it is
 /// acked: a host that takes the partition over must know the key.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_done_key_is_in_the_done_log_before_any_ack() {
+async fn a_done_key_is_in_the_done_log_before_any_ack(alone: bool) {
     let target = FakeTarget::ok().await;
     let r = rig(&target, 3, 2);
+    r.out
+        .alone
+        .store(alone, std::sync::atomic::Ordering::SeqCst);
     r.out
         .fail_appends
         .store(1, std::sync::atomic::Ordering::SeqCst);
@@ -243,10 +252,12 @@ async fn a_done_key_is_in_the_done_log_before_any_ack() {
     assert!(!ledger.lock().unwrap().acked);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn failures_retry_in_process_then_move_to_a_delay_tier_with_their_attempts() {
+async fn failures_retry_in_process_then_move_to_a_delay_tier_with_their_attempts(alone: bool) {
     let target = FakeTarget::start(|_, _| StatusCode::BAD_GATEWAY.into_response()).await;
     let r = rig(&target, 4, 2);
+    r.out
+        .alone
+        .store(alone, std::sync::atomic::Ordering::SeqCst);
     let (outcome, ledger) = run(&r, &webhook("b")).await;
     assert_eq!(
         outcome,
@@ -279,10 +290,12 @@ async fn failures_retry_in_process_then_move_to_a_delay_tier_with_their_attempts
     assert_eq!(r.out.dead.lock().unwrap()[0].attempts, 4);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_redelivery_waits_for_the_live_delivery_of_the_same_message() {
+async fn a_redelivery_waits_for_the_live_delivery_of_the_same_message(alone: bool) {
     let target = FakeTarget::start_slow(ms(700), |_, _| StatusCode::OK.into_response()).await;
     let r = rig(&target, 3, 2);
+    r.out
+        .alone
+        .store(alone, std::sync::atomic::Ordering::SeqCst);
     let env = webhook("c");
     let (first, first_ledger, first_lost) = message(&env);
     let (second, second_ledger, _) = message(&env);
@@ -311,10 +324,12 @@ async fn a_redelivery_waits_for_the_live_delivery_of_the_same_message() {
     assert_eq!(target.started(), 1, "one delivery, never two at once");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn refused_republishes_are_counted_and_end_as_delivery_limit() {
+async fn refused_republishes_are_counted_and_end_as_delivery_limit(alone: bool) {
     let target = FakeTarget::start(|_, _| StatusCode::SERVICE_UNAVAILABLE.into_response()).await;
     let r = rig(&target, 100, 1);
+    r.out
+        .alone
+        .store(alone, std::sync::atomic::Ordering::SeqCst);
     r.out
         .refuse
         .store(true, std::sync::atomic::Ordering::SeqCst);
@@ -355,3 +370,34 @@ async fn not_a_hookq_message_is_parked_as_invalid() {
     assert!(ledger.lock().unwrap().acked);
     assert_eq!(target.count(), 0);
 }
+
+/// The cases above, with claims in the shared store (a shared work queue)
+/// and in memory (a partition this worker delivers alone).
+macro_rules! with_both_kinds_of_claim {
+    ($($case:ident),* $(,)?) => {
+        mod shared_claims {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    super::$case(false).await
+                }
+            )*
+        }
+        mod claims_alone {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    super::$case(true).await
+                }
+            )*
+        }
+    };
+}
+
+with_both_kinds_of_claim!(
+    a_2xx_is_recorded_and_acked_and_a_copy_is_a_duplicate,
+    a_done_key_is_in_the_done_log_before_any_ack,
+    failures_retry_in_process_then_move_to_a_delay_tier_with_their_attempts,
+    a_redelivery_waits_for_the_live_delivery_of_the_same_message,
+    refused_republishes_are_counted_and_end_as_delivery_limit,
+);

@@ -124,6 +124,21 @@ enum Op {
     Probe {
         reply: Responder<()>,
     },
+    /// When the key was done, if it was: a read, for a partition this
+    /// process delivers alone (see [`Store::done_at_ms`]).
+    IsDone {
+        key: KeyHash,
+        reply: Responder<Option<u64>>,
+    },
+    /// Takes partition `log` for this process (see [`Store::take_partition`]).
+    TakePartition {
+        log: String,
+        reply: Responder<bool>,
+    },
+    LeavePartition {
+        log: String,
+        reply: Responder<()>,
+    },
     /// Keys another host delivered (from a done-log), done at `at_ms`.
     DoneMany {
         keys: Vec<KeyHash>,
@@ -507,6 +522,40 @@ impl Store {
         let op = |reply| Op::SetPosition {
             log: log.into(),
             position,
+            reply,
+        };
+        self.call(op, now_ms()).await
+    }
+
+    /// When `key` was done, if it was. A read: a worker that delivers a
+    /// partition alone keeps its claims in memory and writes only the done.
+    pub async fn done_at_ms(&self, key: &str) -> Result<Option<u64>, Error> {
+        let op = |reply| Op::IsDone {
+            key: key_hash(key),
+            reply,
+        };
+        self.call(op, now_ms()).await
+    }
+
+    /// Takes partition `log` for this process: true when no other live
+    /// process on this host holds it. Workers on one host that deliver a
+    /// partition in turn (the single active consumer moves between them)
+    /// hand it over here: the next one waits until the last one's
+    /// deliveries of it have ended, which per-key claims in memory cannot
+    /// see across processes.
+    pub async fn take_partition(&self, log: &str) -> Result<bool, Error> {
+        let op = |reply| Op::TakePartition {
+            log: log.into(),
+            reply,
+        };
+        self.call(op, now_ms()).await
+    }
+
+    /// Leaves partition `log`: this process has none of its messages in
+    /// flight any more.
+    pub async fn leave_partition(&self, log: &str) -> Result<(), Error> {
+        let op = |reply| Op::LeavePartition {
+            log: log.into(),
             reply,
         };
         self.call(op, now_ms()).await

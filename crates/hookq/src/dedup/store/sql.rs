@@ -67,6 +67,12 @@ pub(super) fn open(path: &Path) -> rusqlite::Result<Connection> {
              updated_ms INTEGER NOT NULL
          ) WITHOUT ROWID;
          CREATE INDEX IF NOT EXISTS claims_updated ON claims(updated_ms);
+         -- Partitions a process on this host delivers now, alone (single
+         -- active consumer): the next process waits for it to leave.
+         CREATE TABLE IF NOT EXISTS partition_holders (
+             log    TEXT PRIMARY KEY,
+             holder TEXT NOT NULL
+         ) WITHOUT ROWID;
          CREATE TABLE IF NOT EXISTS holders (
              holder         TEXT PRIMARY KEY,
              lease_until_ms INTEGER NOT NULL
@@ -204,15 +210,8 @@ struct Txn<'a> {
 impl Txn<'_> {
     /// Takes the key if it can; when it cannot, says why.
     fn claim(&self, key: &KeyHash, message_id: &str) -> rusqlite::Result<Claim> {
-        let done: Option<i64> = self
-            .c
-            .prepare_cached("SELECT at_ms FROM done WHERE key = ?1")?
-            .query_row(params![&key[..]], |r| r.get(0))
-            .optional()?;
-        if let Some(at) = done {
-            return Ok(Claim::Done {
-                at_ms: u64::try_from(at).unwrap_or(0),
-            });
+        if let Some(at_ms) = self.done_at(key)? {
+            return Ok(Claim::Done { at_ms });
         }
         let won: Option<(i64, i64)> = self
             .c
@@ -323,6 +322,40 @@ impl Txn<'_> {
         })
     }
 
+    fn done_at(&self, key: &KeyHash) -> rusqlite::Result<Option<u64>> {
+        let at: Option<i64> = self
+            .c
+            .prepare_cached("SELECT at_ms FROM done WHERE key = ?1")?
+            .query_row(params![&key[..]], |r| r.get(0))
+            .optional()?;
+        Ok(at.map(|at| u64::try_from(at).unwrap_or(0)))
+    }
+
+    /// Takes the partition when it is free, this process's, or its holder's
+    /// lease ran out (a SIGKILL).
+    fn take_partition(&self, log: &str) -> rusqlite::Result<bool> {
+        let taken = self
+            .c
+            .prepare_cached(
+                "INSERT INTO partition_holders(log, holder) VALUES (?1, ?2)
+                 ON CONFLICT(log) DO UPDATE SET holder = excluded.holder
+                 WHERE partition_holders.holder = excluded.holder
+                    OR NOT EXISTS (SELECT 1 FROM holders h
+                        WHERE h.holder = partition_holders.holder AND h.lease_until_ms >= ?3)
+                 RETURNING 1",
+            )?
+            .query_row(params![log, self.holder, self.now], |_| Ok(()))
+            .optional()?;
+        Ok(taken.is_some())
+    }
+
+    fn leave_partition(&self, log: &str) -> rusqlite::Result<()> {
+        self.c
+            .prepare_cached("DELETE FROM partition_holders WHERE log = ?1 AND holder = ?2")?
+            .execute(params![log, self.holder])?;
+        Ok(())
+    }
+
     fn probe(&self) -> rusqlite::Result<()> {
         // A write that changes nothing proves the file is writable now.
         self.c.execute(
@@ -425,11 +458,14 @@ impl Request {
         match self.op {
             Op::Claim { reply, .. } => Unanswered::new(reply),
             Op::Position { reply, .. } => Unanswered::new(reply),
+            Op::IsDone { reply, .. } => Unanswered::new(reply),
+            Op::TakePartition { reply, .. } => Unanswered::new(reply),
             Op::Prune { reply, .. } => Unanswered::new(reply),
             Op::Done { reply, .. }
             | Op::Release { reply, .. }
             | Op::Park { reply, .. }
             | Op::Probe { reply }
+            | Op::LeavePartition { reply, .. }
             | Op::DoneMany { reply, .. }
             | Op::SetPosition { reply, .. } => Unanswered::new(reply),
         }
@@ -469,6 +505,9 @@ impl Request {
                 reply,
             } => hold(reply, txn.prune(older_than_ms, after.as_ref())),
             Op::Probe { reply } => hold(reply, txn.probe()),
+            Op::IsDone { key, reply } => hold(reply, txn.done_at(&key)),
+            Op::TakePartition { log, reply } => hold(reply, txn.take_partition(&log)),
+            Op::LeavePartition { log, reply } => hold(reply, txn.leave_partition(&log)),
             Op::DoneMany { keys, at_ms, reply } => hold(reply, txn.done_many(&keys, at_ms)),
             Op::Position { log, reply } => hold(reply, txn.read_position(&log)),
             Op::SetPosition {

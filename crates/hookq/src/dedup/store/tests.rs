@@ -391,3 +391,43 @@ async fn a_file_that_cannot_be_opened_fails_each_request_until_it_can() {
     assert_eq!(s.claim("k", "m1").await.unwrap(), claimed(0, 0));
     assert!(s.is_healthy());
 }
+
+#[tokio::test]
+async fn a_partition_is_taken_by_one_live_process_at_a_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("d.db");
+    let b = Store::open(&path, LEASE, Box::new(|| {}));
+    {
+        let a = Store::open(&path, LEASE, Box::new(|| {}));
+        assert!(a.take_partition("p.done.0").await.unwrap());
+        assert!(a.take_partition("p.done.0").await.unwrap(), "its own again");
+        assert!(!b.take_partition("p.done.0").await.unwrap());
+        assert!(b.take_partition("p.done.1").await.unwrap(), "another one");
+        a.leave_partition("p.done.0").await.unwrap();
+        assert!(b.take_partition("p.done.0").await.unwrap());
+        assert!(!a.take_partition("p.done.0").await.unwrap());
+        // A leave by a process that does not hold it changes nothing.
+        a.leave_partition("p.done.0").await.unwrap();
+        assert!(!a.take_partition("p.done.0").await.unwrap());
+        b.leave_partition("p.done.0").await.unwrap();
+        assert!(a.take_partition("p.done.0").await.unwrap());
+    }
+    // The holder's process ended (its lease row goes with its store): free.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !b.take_partition("p.done.0").await.unwrap() {
+        assert!(
+            Instant::now() < deadline,
+            "still held by a process that ended"
+        );
+        tokio::task::yield_now().await;
+    }
+}
+
+#[tokio::test]
+async fn done_at_ms_reads_what_done_wrote() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(&dir.path().join("d.db"), LEASE, Box::new(|| {}));
+    assert_eq!(s.done_at_ms("k").await.unwrap(), None);
+    s.done_at("k", 77).await.unwrap();
+    assert_eq!(s.done_at_ms("k").await.unwrap(), Some(77));
+}
