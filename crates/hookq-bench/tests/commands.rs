@@ -315,6 +315,8 @@ async fn bench_json_has_every_figure() {
         "ingress_vs_hand",
         "ingress_vs_same",
         "hand_same_ingress_per_s",
+        "hand_direct_ingress_per_s",
+        "direct_vs_topic",
         "worker_vs_hand",
         "dlq_list_per_s",
         "shovel_per_s",

@@ -313,6 +313,9 @@ pub enum Shape {
     /// bound to the queue with `#` as hookq's work queue is: what the
     /// contract's message costs the broker, without hookq's code around it.
     Hookq,
+    /// hookq's message through a direct exchange bound with its routing key:
+    /// what the topic exchange's routing costs, beside [`Shape::Hookq`].
+    HookqDirect,
 }
 
 /// The hand-written ingress, running until `stop`: any `POST` publishes (as
@@ -351,7 +354,7 @@ pub async fn hand_ingress(
                     )
                     .await
             }
-            Shape::Hookq => {
+            Shape::Hookq | Shape::HookqDirect => {
                 let content_type = headers
                     .get(axum::http::header::CONTENT_TYPE)
                     .and_then(|v| v.to_str().ok())
@@ -392,7 +395,11 @@ pub async fn hand_ingress(
     let channel = connection.create_channel().await?;
     declare(&channel, queue, queue_type).await?;
     let exchange = format!("{queue}.x");
-    if shape == Shape::Hookq {
+    if shape != Shape::Bare {
+        let (kind, binding) = match shape {
+            Shape::HookqDirect => (ExchangeKind::Direct, "source.bench"),
+            _ => (ExchangeKind::Topic, "#"),
+        };
         let durable = ExchangeDeclareOptions {
             durable: true,
             ..Default::default()
@@ -400,7 +407,7 @@ pub async fn hand_ingress(
         channel
             .exchange_declare(
                 exchange.as_str().into(),
-                ExchangeKind::Topic,
+                kind,
                 durable,
                 FieldTable::default(),
             )
@@ -409,7 +416,7 @@ pub async fn hand_ingress(
             .queue_bind(
                 queue.into(),
                 exchange.as_str().into(),
-                "#".into(),
+                binding.into(),
                 QueueBindOptions::default(),
                 FieldTable::default(),
             )

@@ -49,6 +49,7 @@ pub(super) async fn hand_ingress(
         match shape {
             Shape::Bare => "a bare message",
             Shape::Hookq => "hookq's message",
+            Shape::HookqDirect => "hookq's message, direct exchange",
         },
         args.messages,
         body.len(),
@@ -60,7 +61,7 @@ pub(super) async fn hand_ingress(
     let queue_type = sandbox.settings.amqp.queue_type.as_str();
     let queue = match shape {
         Shape::Bare => hand_queue(sandbox),
-        Shape::Hookq => same_queue(sandbox),
+        Shape::Hookq | Shape::HookqDirect => same_queue(sandbox),
     };
     let addr = baselines::hand_ingress(url, &queue, queue_type, shape, stop).await?;
     let figures = load(
@@ -70,7 +71,7 @@ pub(super) async fn hand_ingress(
         "the hand-written ingress",
     )
     .await;
-    if shape == Shape::Hookq {
+    if shape != Shape::Bare {
         baselines::delete_queue(url, &queue).await?;
         baselines::delete_exchange(url, &format!("{queue}.x")).await?;
     }

@@ -191,6 +191,7 @@ fn sample(body: &[u8], key: &str) -> Envelope {
 struct Measured {
     hand_ingress: load::IngressFigures,
     hand_same: load::IngressFigures,
+    hand_direct: load::IngressFigures,
     ingress: load::IngressFigures,
     worker: phases::WorkerFigures,
     hand_forwarder: hand::ForwardFigures,
@@ -235,6 +236,7 @@ pub async fn bench(settings: &Settings, args: &BenchArgs) -> anyhow::Result<Repo
         sandbox.broker().await?;
         let hand_ingress = hand::hand_ingress(&sandbox, args, &body, Shape::Bare).await?;
         let hand_same = hand::hand_ingress(&sandbox, args, &body, Shape::Hookq).await?;
+        let hand_direct = hand::hand_ingress(&sandbox, args, &body, Shape::HookqDirect).await?;
         let ingress = phases::ingress(&sandbox, args, &body).await?;
         let worker = phases::worker(&sandbox, &sink, &ingress.keys).await?;
         let hand_count = u32::try_from(hand_ingress.keys.len()).unwrap_or(u32::MAX);
@@ -245,6 +247,7 @@ pub async fn bench(settings: &Settings, args: &BenchArgs) -> anyhow::Result<Repo
         anyhow::Ok(Measured {
             hand_ingress,
             hand_same,
+            hand_direct,
             ingress,
             worker,
             hand_forwarder,
@@ -259,6 +262,7 @@ pub async fn bench(settings: &Settings, args: &BenchArgs) -> anyhow::Result<Repo
     let Measured {
         hand_ingress,
         hand_same,
+        hand_direct,
         ingress,
         worker,
         hand_forwarder,
@@ -366,6 +370,8 @@ pub async fn bench(settings: &Settings, args: &BenchArgs) -> anyhow::Result<Repo
         hand_same_ingress_per_s: hand_same.per_s,
         hand_same_ingress_p99_ms: hand_same.p99_ms,
         hand_same_ingress_cpu_us: hand_same.cpu_us,
+        hand_direct_ingress_per_s: hand_direct.per_s,
+        direct_vs_topic: ratio(hand_direct.per_s, hand_same.per_s),
         ingress_vs_same,
         ingress_publish_avg_ms: ingress.publish_avg_ms,
         worker_per_s: worker.per_s,

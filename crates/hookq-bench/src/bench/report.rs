@@ -62,6 +62,11 @@ pub struct Report {
     pub hand_same_ingress_p99_ms: f64,
     pub hand_same_ingress_cpu_us: f64,
     pub ingress_vs_same: f64,
+    /// The hand-written ingress publishing hookq's message through a direct
+    /// exchange (bound with the routing key) instead of the topic one, and
+    /// its rate over the topic one's: what the topic routing costs.
+    pub hand_direct_ingress_per_s: f64,
+    pub direct_vs_topic: f64,
     /// Inside the ingress: publish to confirm, on average (its /metrics).
     pub ingress_publish_avg_ms: f64,
     /// Backlog messages delivered, recorded and acked per second.
@@ -172,6 +177,17 @@ pub(super) fn print_table(r: &Report) {
             ..row(
                 "ingress: 202s, beside hand-written publishing hookq's message",
                 format!("{:.0}", r.ingress_per_s),
+            )
+        },
+        Row {
+            hand: beside(
+                r.hand_direct_ingress_per_s,
+                r.hand_same_ingress_per_s,
+                false,
+            ),
+            ..row(
+                "hand-written, hookq's message: direct exchange beside topic (req/s)",
+                format!("{:.0}", r.hand_direct_ingress_per_s),
             )
         },
         Row {
