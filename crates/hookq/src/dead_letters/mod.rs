@@ -107,8 +107,8 @@ pub struct Row {
 ///
 /// It reads with a consumer whose prefetch covers the run (tens of thousands of
 /// messages a second on a quorum queue, where `basic.get` costs a Raft round
-/// each); a run longer than the largest prefetch AMQP allows (65535) reads the
-/// rest with `basic.get`.
+/// each); a run longer than the largest prefetch AMQP allows (65535), or than
+/// a smaller prefetch its caller asked for, reads the rest with `basic.get`.
 pub struct DeadLetters {
     consumer: Consumer,
     /// Opened when the consumer's prefetch is used up by held messages.
@@ -142,12 +142,26 @@ const GONE_AFTER: Duration = Duration::from_secs(3);
 impl DeadLetters {
     /// Opens a reader on `P.dead` that will look at `max` messages at most.
     pub async fn open(broker: &Broker, max: Option<u64>) -> Result<Self, broker::Error> {
+        Self::open_with_prefetch(broker, max, None).await
+    }
+
+    /// [`DeadLetters::open`] with the consumer's prefetch at most
+    /// `prefetch_cap`: for a caller that settles nearly everything it reads
+    /// (the shovel moving every dead letter), a prefetch of a few windows
+    /// keeps the broker's deliveries in step with the moves; the whole run's
+    /// prefetch made a quorum queue move a third slower (`hookq bench`).
+    pub async fn open_with_prefetch(
+        broker: &Broker,
+        max: Option<u64>,
+        prefetch_cap: Option<u64>,
+    ) -> Result<Self, broker::Error> {
         let queue = broker.topology().dead();
         let len = u64::from(broker.queue_len(&queue).await?);
         let budget = max.map_or(len, |m| m.min(len));
         let quorum = broker.topology().queue_type == QueueType::Quorum;
         // A quorum run that stops early reads on to the start length (see close).
         let want = if quorum { len } else { budget };
+        let want = prefetch_cap.map_or(want, |cap| want.min(cap));
         let prefetch = u16::try_from(want.max(1)).unwrap_or(u16::MAX);
         let consumer = broker.consume(&queue, prefetch).await?;
         Ok(Self {

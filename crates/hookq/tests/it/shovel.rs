@@ -686,6 +686,17 @@ async fn invalid_dead_letters_are_skipped_never_moved() {
         assert_eq!((s.moved.total(), s.kept, s.skipped), (0, 5, 5));
         settled(&broker, 5).await;
     }
+    // Moving everything with a window of 1 reads 4 ahead: the fifth held
+    // one comes by basic.get.
+    let opts = Options {
+        window: 1,
+        ..Options::default()
+    };
+    let s = shovel(&broker, &Filter::default(), &opts, &mut |_| {})
+        .await
+        .expect("shovel");
+    assert_eq!((s.moved.total(), s.kept, s.skipped), (0, 5, 5));
+    settled(&broker, 5).await;
     assert_eq!(env.queue_len(&env.topology().work(0)).await, 0);
     assert_eq!(target.count(), 0, "the target never sees garbage");
 }
