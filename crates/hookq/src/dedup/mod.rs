@@ -88,7 +88,25 @@ pub struct Held<'a> {
     alone: bool,
 }
 
-impl Held<'_> {
+impl<'a> Held<'a> {
+    fn new(
+        dedup: &'a Dedup,
+        key: &DedupKey,
+        message_id: &MessageId,
+        (attempts, handbacks): (u32, u32),
+        alone: bool,
+    ) -> Self {
+        Self {
+            dedup,
+            key: key.clone(),
+            message_id: message_id.clone(),
+            attempts,
+            handbacks,
+            settled: AtomicBool::new(false),
+            alone,
+        }
+    }
+
     fn finish<T>(&self, r: Result<T, Error>) -> Result<T, Error> {
         if r.is_ok() {
             self.settled.store(true, Ordering::Relaxed);
@@ -242,6 +260,14 @@ impl Dedup {
         }
     }
 
+    /// A key SQLite says was done at `at_ms`: trusted in the LRU only as long
+    /// as SQLite keeps the record (until its own expiry, not for a fresh full
+    /// retention).
+    fn found_done(&self, key: &DedupKey, at_ms: u64) -> Check<'_> {
+        self.remember_until(key, at_ms.saturating_add(self.retention_ms()));
+        Check::Done(Tier::Sqlite)
+    }
+
     /// Remembers a key this worker has just recorded as done.
     pub fn remember(&self, key: &DedupKey) {
         self.remember_until(key, epoch_ms().saturating_add(self.retention_ms()));
@@ -267,21 +293,14 @@ impl Dedup {
                 Claim::Claimed {
                     attempts,
                     handbacks,
-                } => Check::Deliver(Held {
-                    dedup: self,
-                    key: key.clone(),
-                    message_id: message_id.clone(),
-                    attempts,
-                    handbacks,
-                    settled: AtomicBool::new(false),
-                    alone: false,
-                }),
-                Claim::Done { at_ms } => {
-                    // Trusted only as long as SQLite keeps the record: until its own
-                    // expiry, not for a fresh full retention.
-                    self.remember_until(key, at_ms.saturating_add(self.retention_ms()));
-                    Check::Done(Tier::Sqlite)
-                }
+                } => Check::Deliver(Held::new(
+                    self,
+                    key,
+                    message_id,
+                    (attempts, handbacks),
+                    false,
+                )),
+                Claim::Done { at_ms } => self.found_done(key, at_ms),
                 Claim::HeldBy(holder) => Check::HeldByAnother { holder },
                 Claim::Busy => Check::StillBeingDelivered,
             },
@@ -300,7 +319,7 @@ impl Dedup {
         if self.lru_has(&key.0, now) {
             return Ok(Check::Done(Tier::Lru));
         }
-        let (attempts, handbacks) = {
+        let earlier = {
             let mut local = self.local();
             if let Some(holder) = local.live.get(&key.0) {
                 return Ok(if holder == message_id {
@@ -311,38 +330,34 @@ impl Dedup {
                     }
                 });
             }
-            let earlier = match local.parked.peek(&key.0) {
-                Some(p) if p.message_id != *message_id => {
-                    let holder = p.message_id.0.clone();
-                    return Ok(Check::HeldByAnother { holder });
-                }
-                Some(p) => (p.attempts, p.handbacks),
-                None => (0, 0),
-            };
-            local.parked.pop(&key.0);
+            if let Some(p) = local.parked.peek(&key.0)
+                && p.message_id != *message_id
+            {
+                let holder = p.message_id.0.clone();
+                return Ok(Check::HeldByAnother { holder });
+            }
+            let earlier = local.parked.pop(&key.0);
             local.live.insert(key.0.clone(), message_id.clone());
             earlier
         };
         // Claimed before the read, so a copy that comes meanwhile waits.
-        let held = Held {
-            dedup: self,
-            key: key.clone(),
-            message_id: message_id.clone(),
-            attempts,
-            handbacks,
-            settled: AtomicBool::new(false),
-            alone: true,
-        };
-        match self.store.done_at_ms(&key.0).await {
-            Ok(None) => Ok(Check::Deliver(held)),
-            Ok(Some(at_ms)) => {
-                held.settled.store(true, Ordering::Relaxed);
-                self.local().live.remove(&key.0);
-                self.remember_until(key, at_ms.saturating_add(self.retention_ms()));
-                Ok(Check::Done(Tier::Sqlite))
+        let counts = earlier
+            .as_ref()
+            .map_or((0, 0), |p| (p.attempts, p.handbacks));
+        let held = Held::new(self, key, message_id, counts, true);
+        let read = self.store.done_at_ms(&key.0).await;
+        if !matches!(read, Ok(None)) {
+            // Done, or not known: the claim goes back to what it was.
+            held.settled.store(true, Ordering::Relaxed);
+            let mut local = self.local();
+            local.live.remove(&key.0);
+            if let Some(p) = earlier {
+                local.parked.put(key.0.clone(), p);
             }
-            // Dropped unsettled: parked again, as it was.
-            Err(e) => Err(e),
+        }
+        match read? {
+            None => Ok(Check::Deliver(held)),
+            Some(at_ms) => Ok(self.found_done(key, at_ms)),
         }
     }
 
@@ -494,5 +509,23 @@ mod tests {
             tier(&other.check_alone(&key, &m1).await.unwrap()),
             Some(Tier::Sqlite)
         );
+    }
+
+    #[tokio::test]
+    async fn a_claim_kept_alone_whose_read_failed_is_not_left_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        // A directory where the file should be: every read fails.
+        std::fs::create_dir(dir.path().join("d.db")).unwrap();
+        let d = dedup(dir.path(), 300_000);
+        let key = DedupKey("s:k".into());
+        let (m1, m2) = (MessageId::new(), MessageId::new());
+        assert!(d.check_alone(&key, &m1).await.is_err());
+        // Not claimed nor parked by m1: another message is not its duplicate.
+        assert!(d.check_alone(&key, &m2).await.is_err());
+        std::fs::remove_dir(dir.path().join("d.db")).unwrap();
+        assert!(matches!(
+            d.check_alone(&key, &m2).await.unwrap(),
+            Check::Deliver(_)
+        ));
     }
 }
