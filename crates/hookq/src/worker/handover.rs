@@ -185,14 +185,22 @@ pub(super) struct Fence {
     store: Store,
     log: String,
     takers: tokio::sync::Mutex<usize>,
+    /// The worker's grace period is over: stop trying to leave (the row
+    /// goes with this process's lease).
+    abandon: tokio_util::sync::CancellationToken,
 }
 
 impl Fence {
-    pub(super) fn new(store: Store, log: String) -> Self {
+    pub(super) fn new(
+        store: Store,
+        log: String,
+        abandon: tokio_util::sync::CancellationToken,
+    ) -> Self {
         Self {
             store,
             log,
             takers: tokio::sync::Mutex::new(0),
+            abandon,
         }
     }
 
@@ -226,7 +234,9 @@ impl Fence {
 
     /// Leaves the partition once its last taker here does. The row must go,
     /// or another process would wait for this one as long as it lives: a
-    /// failing store is tried again until it takes the leave.
+    /// failing store is tried again until it takes the leave, or until the
+    /// grace period of a stopping worker ends (then the row goes with this
+    /// process's lease, within `dedup.lease_ms`).
     async fn leave(&self) {
         let mut takers = self.takers.lock().await;
         *takers = takers.saturating_sub(1);
@@ -235,7 +245,10 @@ impl Fence {
         }
         let mut wait = TAKE_WAIT_MIN;
         while self.store.leave_partition(&self.log).await.is_err() {
-            tokio::time::sleep(wait).await;
+            tokio::select! {
+                _ = self.abandon.cancelled() => return,
+                _ = tokio::time::sleep(wait) => {}
+            }
             wait = (wait * 2).min(TAKE_WAIT_MAX);
         }
     }
@@ -325,15 +338,18 @@ impl Activation {
     /// None of the partition's messages is in flight (or will be: the
     /// consumer ended and what it left has finished): the next one reads the
     /// done-log first, and this process leaves the partition to whichever
-    /// takes it next.
-    pub(super) fn idle(&self) {
-        if let Ok(mut cell) = self.read.lock()
-            && cell.initialized()
-        {
-            *cell = Arc::new(tokio::sync::OnceCell::new());
-            let fence = self.fence.clone();
-            tokio::spawn(async move { fence.leave().await });
+    /// takes it next. The leave, when this spell took the partition, is for
+    /// the caller to run on the worker's task tracker, so that a stopping
+    /// worker has left before it exits (else the next process on the host
+    /// would wait for its lease to run out).
+    pub(super) fn idle(&self) -> Option<impl Future<Output = ()> + Send + 'static> {
+        let mut cell = self.read.lock().ok()?;
+        if !cell.initialized() {
+            return None;
         }
+        *cell = Arc::new(tokio::sync::OnceCell::new());
+        let fence = self.fence.clone();
+        Some(async move { fence.leave().await })
     }
 
     /// Reads the done-log once for this busy spell (concurrent messages wait

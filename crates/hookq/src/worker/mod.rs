@@ -200,7 +200,11 @@ impl Worker {
                 stagger,
                 out: out.clone(),
                 done_log: done_log.clone(),
-                fence: Arc::new(Fence::new(self.step.dedup.store().clone(), topo.done(i))),
+                fence: Arc::new(Fence::new(
+                    self.step.dedup.store().clone(),
+                    topo.done(i),
+                    self.step.abandon.clone(),
+                )),
                 tracker: tracker.clone(),
             };
             loops.spawn(self.clone().subscribe(ctx));
@@ -337,8 +341,10 @@ impl Worker {
             let msg = tokio::select! {
                 _ = shutdown.cancelled() => break,
                 Some(()) = running.next(), if !running.is_empty() => {
-                    if running.is_empty() {
-                        part.activation.idle();
+                    if running.is_empty()
+                        && let Some(leave) = part.activation.idle()
+                    {
+                        ctx.tracker.spawn(leave);
                     }
                     continue;
                 }
@@ -386,7 +392,9 @@ impl Worker {
         let activation = part.activation.clone();
         ctx.tracker.spawn(async move {
             while running.next().await.is_some() {}
-            activation.idle();
+            if let Some(leave) = activation.idle() {
+                leave.await;
+            }
         });
         part
     }

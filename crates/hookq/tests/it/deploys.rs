@@ -436,3 +436,45 @@ async fn a_deleted_work_queue_comes_back_without_a_hot_loop() {
         "{warnings} failed subscriptions: a hot loop"
     );
 }
+
+/// Two worker processes on one host (one store): the first, stopped with
+/// SIGTERM while its deliveries run, leaves its partitions (and ends its
+/// lease) before it exits, so the second delivers at once rather than after
+/// the first one's lease (30 s here) runs out. (A worker that leaves while
+/// it lives is the dropped-connection test in `dedup.rs`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_worker_leaves_its_partitions_to_the_next_on_its_host() {
+    let delay = Duration::from_millis(300);
+    let target = FakeTarget::start_slow(delay, |_, _| StatusCode::OK.into_response()).await;
+    let mut env = partitioned("leave", &target, 2);
+    env.settings.dedup.lease = Duration::from_secs(30);
+    let ingress = env.start(Parts::Ingress).await;
+    assert!(ingress.ready(T).await);
+    let client = Arc::new(Client::new(ingress.ingress_addr.unwrap()));
+    let mut first = env.host("same").await;
+    let busy: Vec<String> = (0..16).map(|k| format!("busy-{k}")).collect();
+    send(&client, &busy).await;
+    wait_until(T, "deliveries under way", || async {
+        target.started() >= 2
+    })
+    .await;
+    let second = env.host("same").await;
+    first.sigterm();
+    assert!(first.child.wait().await.unwrap().success());
+    let stopped = Instant::now();
+    let after: Vec<String> = (0..8).map(|k| format!("after-{k}")).collect();
+    send(&client, &after).await;
+    wait_until(T, "every key delivered", || async {
+        target.count() == busy.len() + after.len()
+    })
+    .await;
+    assert!(
+        stopped.elapsed() < Duration::from_secs(15),
+        "the next worker waited {:?}: for the stopped one's lease",
+        stopped.elapsed()
+    );
+    for k in busy.iter().chain(&after) {
+        assert_eq!(target.for_key(&format!("p:{k}")).len(), 1, "{k}");
+    }
+    drained(&env, 2, &[&second]).await;
+}
