@@ -48,11 +48,15 @@ impl Received {
     }
 }
 
+/// What runs when an answer goes (or its client gives up first).
+type OnAnswer = Box<dyn FnOnce() + Send>;
+
 /// A scripted answer: a response, held back for `delay` (a slow or hanging
 /// application).
 pub struct Reply {
     pub response: Response,
     pub delay: Duration,
+    on_answer: Option<OnAnswer>,
 }
 
 impl Reply {
@@ -61,7 +65,17 @@ impl Reply {
         Self {
             response: response.into_response(),
             delay,
+            on_answer: None,
         }
+    }
+
+    /// Runs `f` the moment the answer goes, before the client can see it, or
+    /// when the client gives up first. An application's own bookkeeping (a
+    /// request's place freed) then happens exactly when the client learns of
+    /// it, not on a timer that a loaded machine may run late.
+    pub fn then(mut self, f: impl FnOnce() + Send + 'static) -> Self {
+        self.on_answer = Some(Box::new(f));
+        self
     }
 }
 
@@ -70,6 +84,7 @@ impl From<Response> for Reply {
         Self {
             response,
             delay: Duration::ZERO,
+            on_answer: None,
         }
     }
 }
@@ -266,7 +281,7 @@ async fn handle(State(s): State<Arc<Targeted>>, request: Request) -> Response {
         *e += 1;
         *e
     };
-    let reply = script(n, &rec);
+    let mut reply = script(n, &rec);
     let delay = s.delay + reply.delay;
     rec.status = reply.response.status().as_u16();
     rec.delay = delay;
@@ -275,6 +290,7 @@ async fn handle(State(s): State<Arc<Targeted>>, request: Request) -> Response {
     let logged = Logged {
         state: s.clone(),
         rec: Some(rec),
+        on_answer: reply.on_answer.take(),
     };
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
@@ -283,16 +299,21 @@ async fn handle(State(s): State<Arc<Targeted>>, request: Request) -> Response {
     reply.response
 }
 
-/// Pushes its request to the log when dropped.
+/// Pushes its request to the log and runs the reply's [`Reply::then`] when
+/// dropped.
 struct Logged {
     state: Arc<Targeted>,
     rec: Option<Received>,
+    on_answer: Option<OnAnswer>,
 }
 
 impl Drop for Logged {
     fn drop(&mut self) {
         if let Some(rec) = self.rec.take() {
             lock(&self.state.log).push(rec);
+        }
+        if let Some(f) = self.on_answer.take() {
+            f();
         }
     }
 }

@@ -207,20 +207,18 @@ async fn a_target_that_takes_four_at_once() {
     let busy = Arc::new(AtomicUsize::new(0));
     let b = busy.clone();
     let target = FakeTarget::start(move |_, _| {
-        let now = b.fetch_add(1, Ordering::SeqCst) + 1;
-        let b = b.clone();
-        // Answered after 20 ms; the count drops just before the answer goes
-        // (so a request sent on an answer finds its place free).
-        let status = if now > 4 {
-            StatusCode::SERVICE_UNAVAILABLE
-        } else {
-            StatusCode::OK
-        };
-        tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_millis(18)).await;
+        // Beyond 4 at once, a 503 at once (a load-shedding application: a
+        // refusal takes no place). A request taken is answered after 20 ms
+        // and its place is free the moment the answer goes (so a request
+        // sent on an answer finds it free).
+        if b.fetch_add(1, Ordering::SeqCst) >= 4 {
             b.fetch_sub(1, Ordering::SeqCst);
-        });
-        Reply::after(Duration::from_millis(20), status)
+            return Reply::from(StatusCode::SERVICE_UNAVAILABLE);
+        }
+        let b = b.clone();
+        Reply::after(Duration::from_millis(20), StatusCode::OK).then(move || {
+            b.fetch_sub(1, Ordering::SeqCst);
+        })
     })
     .await;
     let env = TestEnv::new("four").with_named_target("app", &target.url, Default::default());
