@@ -151,10 +151,11 @@ impl State {
 /// What one look at a gate found.
 enum Look {
     Decided(Admission),
-    /// Room: start at this time (the pace's).
-    Start(Permit, Instant),
-    /// No room yet: wait for a delivery to end.
-    Wait,
+    /// Room, and the pace's next start is due: start now.
+    Start(Permit),
+    /// No room yet: wait for a delivery to end, or until the pace's next
+    /// start (when that is what there is no room in).
+    Wait(Option<Instant>),
 }
 
 /// Takes one waiter's place while it waits.
@@ -238,29 +239,21 @@ impl Gate {
             // Registered before looking, so a wake-up between the look and
             // the wait is not lost.
             freed.as_mut().enable();
-            match self.look(probe, deadline) {
+            let paced = match self.look(probe, deadline) {
                 Look::Decided(a) => return a,
-                Look::Start(permit, at) => {
-                    if at > Instant::now() {
-                        tokio::select! {
-                            _ = tokio::time::sleep_until(at.into()) => {}
-                            _ = stop.cancelled() => return Admission::Stopping,
-                        }
-                    }
-                    return Admission::Go(permit);
-                }
-                Look::Wait => {}
-            }
+                Look::Start(permit) => return Admission::Go(permit),
+                Look::Wait(paced) => paced,
+            };
             let _waiting = Waiting(self);
-            let until = deadline.map_or_else(
-                || tokio::time::Instant::now() + Duration::from_secs(3600),
-                tokio::time::Instant::from_std,
-            );
+            let far = Instant::now() + Duration::from_secs(3600);
+            let until = tokio::time::Instant::from_std(deadline.unwrap_or(far));
             tokio::select! {
                 _ = &mut freed => {}
                 // The fleet becomes ready, or room comes without a wake-up.
                 _ = tokio::time::sleep(Duration::from_millis(100)) => {}
                 _ = tokio::time::sleep_until(until) => {}
+                // The pace's next start (every waiter looks; one takes it).
+                _ = tokio::time::sleep_until(paced.unwrap_or(far).into()) => {}
                 _ = stop.cancelled() => return Admission::Stopping,
             }
         }
@@ -299,23 +292,29 @@ impl Gate {
         s.last_demand = Some(now);
         let in_flight = s.in_flight;
         s.limit.tick(in_flight, now);
+        let mut paced = None;
         if self.fleet.is_ready() && s.in_flight < s.limit.get() {
             let wait = s.pace.wait(now);
             if deadline.is_some_and(|d| now + wait > d) {
                 return Look::Decided(Admission::Hold(HoldWhy::Busy));
             }
-            if s.in_flight + 1 >= s.limit.get() {
-                s.limit.reached();
+            if wait.is_zero() {
+                if s.in_flight + 1 >= s.limit.get() {
+                    s.limit.reached();
+                }
+                s.pace.take(now);
+                s.in_flight += 1;
+                return Look::Start(self.permit(false));
             }
-            let at = s.pace.take(now);
-            s.in_flight += 1;
-            return Look::Start(self.permit(false), at);
+            // Not a start reserved ahead: a share that shrinks meanwhile (a
+            // worker joined) spaces the very next start by the new rate.
+            paced = Some(now + wait);
         }
         if deadline.is_some_and(|d| now >= d) {
             return Look::Decided(Admission::Hold(HoldWhy::Busy));
         }
         s.waiting += 1;
-        Look::Wait
+        Look::Wait(paced)
     }
 
     fn permit(self: &Arc<Self>, probe: bool) -> Permit {

@@ -17,15 +17,16 @@ const LONGEST: Duration = Duration::from_secs(86_400);
 pub struct Pace {
     /// Seconds between two starts; `None`: no limit.
     interval: Option<Duration>,
-    /// The earliest start of the next request.
-    next: Option<Instant>,
+    /// The last start taken: the next is due one interval after it, at the
+    /// interval of now (a share that shrank spaces the very next start).
+    last: Option<Instant>,
 }
 
 impl Pace {
     pub fn new(rate_per_s: f64) -> Self {
         let mut p = Self {
             interval: None,
-            next: None,
+            last: None,
         };
         p.set_rate(rate_per_s);
         p
@@ -44,21 +45,25 @@ impl Pace {
         self.interval.is_some()
     }
 
-    /// How long a request asked for now would wait for its start.
-    pub fn wait(&self, now: Instant) -> Duration {
-        match (self.interval, self.next) {
-            (Some(_), Some(next)) => next.saturating_duration_since(now),
-            _ => Duration::ZERO,
-        }
+    /// The earliest start of the next request.
+    fn next(&self) -> Option<Instant> {
+        self.last?.checked_add(self.interval?)
     }
 
-    /// Takes the next start time; the caller sleeps until it.
+    /// How long a request asked for now would wait for its start.
+    pub fn wait(&self, now: Instant) -> Duration {
+        self.next()
+            .map_or(Duration::ZERO, |next| next.saturating_duration_since(now))
+    }
+
+    /// Takes the next start time (the gate takes one only when it is due,
+    /// [`Pace::wait`] zero, so no start is promised at a rate that changes).
     pub fn take(&mut self, now: Instant) -> Instant {
-        let Some(interval) = self.interval else {
+        if self.interval.is_none() {
             return now;
-        };
-        let at = self.next.map_or(now, |n| n.max(now));
-        self.next = at.checked_add(interval);
+        }
+        let at = self.next().map_or(now, |n| n.max(now));
+        self.last = Some(at);
         at
     }
 }
@@ -79,6 +84,17 @@ mod tests {
         assert_eq!(p.take(later), later);
         assert_eq!(p.take(later) - later, Duration::from_millis(100));
         assert_eq!(p.wait(later), Duration::from_millis(200));
+    }
+
+    #[test]
+    fn a_share_that_shrinks_spaces_the_next_start_by_the_new_rate() {
+        let t0 = Instant::now();
+        let mut p = Pace::new(40.0);
+        p.take(t0);
+        assert_eq!(p.wait(t0), Duration::from_millis(25));
+        // A second worker took its part of the rate.
+        p.set_rate(20.0);
+        assert_eq!(p.wait(t0), Duration::from_millis(50));
     }
 
     #[test]
