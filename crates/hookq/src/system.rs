@@ -277,13 +277,15 @@ impl System {
             .collect()
     }
 
-    /// Connected to the broker and, for a worker, its store writable.
+    /// Connected to the broker and, for a worker, its store writable and its
+    /// peers heard.
     pub fn is_ready(&self) -> bool {
         self.app.as_ref().is_none_or(|a| a.is_ready())
             && self.worker.as_ref().is_none_or(|w| w.is_ready())
     }
 
-    /// Waits until every part is connected (false when `within` passed first).
+    /// Waits until every part is connected and [`System::is_ready`] (false
+    /// when `within` passed first).
     pub async fn ready(&self, within: std::time::Duration) -> bool {
         let all = async {
             for b in self.brokers.iter().chain(&self.admin_broker) {
@@ -291,9 +293,17 @@ impl System {
                     return false;
                 }
             }
+            // The rest (a worker hearing its peers) is a matter of beats.
+            let mut poll = tokio::time::interval(std::time::Duration::from_millis(10));
+            while !self.is_ready() {
+                if self.stop.is_cancelled() {
+                    return false;
+                }
+                poll.tick().await;
+            }
             true
         };
-        tokio::time::timeout(within, all).await.unwrap_or(false) && self.is_ready()
+        tokio::time::timeout(within, all).await.unwrap_or(false)
     }
 
     /// Every event from now on.

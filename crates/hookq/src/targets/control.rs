@@ -44,6 +44,10 @@ impl Targets {
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, retry_in = ?backoff, "cannot open the control line on the broker; the targets' limits count this worker alone meanwhile");
+                    // Alone, as the warning says: deliveries go on meanwhile.
+                    self.fleet
+                        .ready
+                        .store(true, std::sync::atomic::Ordering::Relaxed);
                     tokio::select! {
                         _ = stop.cancelled() => {}
                         _ = tokio::time::sleep(backoff) => {}

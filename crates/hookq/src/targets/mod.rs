@@ -168,6 +168,13 @@ impl Targets {
         self.gates.is_empty()
     }
 
+    /// Deliveries may start: the worker has heard its peers for two beats
+    /// (their shares of the limits, a pause or an open breaker are known),
+    /// or it has no target to share.
+    pub fn peers_known(&self) -> bool {
+        self.gates.is_empty() || self.fleet.is_ready()
+    }
+
     /// This worker's id on `P.control`.
     pub fn worker_id(&self) -> u64 {
         self.fleet.me

@@ -148,9 +148,14 @@ impl Worker {
         }))
     }
 
-    /// Ready to take work: broker connected and the dedup store writable.
+    /// Ready to take work: broker connected, the dedup store writable, and
+    /// the peers heard (deliveries wait for them, about 0.4 s after the
+    /// first connection: a worker that reported ready earlier would hold
+    /// what it took until then).
     pub fn is_ready(&self) -> bool {
-        self.broker.is_ready() && self.step.dedup.store().is_healthy()
+        self.broker.is_ready()
+            && self.step.dedup.store().is_healthy()
+            && self.step.targets.peers_known()
     }
 
     pub fn dedup(&self) -> &Dedup {

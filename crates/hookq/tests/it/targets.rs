@@ -200,6 +200,44 @@ async fn one_target_held_while_another_flows() {
     assert_eq!(env.queue_len(&env.topology().dead()).await, 0);
 }
 
+/// A worker answers /readyz 200 only once it may deliver: it first hears the
+/// other workers for two beats (their shares, a pause, an open breaker), and
+/// a worker ready before that held what it took for 0.4 s (every webhook
+/// sent at "ready" waited that long).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_is_ready_only_once_it_may_deliver() {
+    let target = FakeTarget::ok().await;
+    let env = TestEnv::new("ready").with_named_target("app", &target.url, Default::default());
+    let started = Instant::now();
+    let up = env.start(Parts::Up).await;
+    let client = Client::new(up.ingress_addr.unwrap());
+    let refused = AtomicUsize::new(0);
+    wait_until(T, "/readyz 200", || async {
+        let ok = client.get("/readyz").await.status() == 200;
+        if !ok {
+            refused.fetch_add(1, Ordering::SeqCst);
+        }
+        ok
+    })
+    .await;
+    let ready_after = started.elapsed();
+    assert!(
+        refused.load(Ordering::SeqCst) > 0,
+        "/readyz was never seen 503: the check proves nothing"
+    );
+    let beats = 2 * hookq::targets::peers::BEAT_EVERY;
+    assert!(
+        ready_after >= beats,
+        "ready after {ready_after:?}, before the worker heard its peers ({beats:?})"
+    );
+    let keys = send(&Arc::new(client), "s", "c", 5).await;
+    wait_until(T, "each key delivered", || async {
+        target.successes().len() == keys.len()
+    })
+    .await;
+    each_delivered_once(&target, &keys);
+}
+
 /// An application that takes 4 requests at once (503 beyond): hookq finds
 /// the limit instead of burning attempts; nothing dead, few refusals.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
