@@ -4,6 +4,21 @@ use super::*;
 
 const LEASE: Duration = Duration::from_secs(10);
 
+/// A store on `path`, as one process opens it (two on one file: two processes).
+fn open(path: &Path) -> Store {
+    Store::open(path, LEASE, Box::new(|| {}))
+}
+
+/// Asks `done` until it says yes; fails after 5 s, saying `what`. For what
+/// follows the end of another store's thread (its lease row goes with it).
+async fn until<F: Future<Output = bool>>(what: &str, mut done: impl FnMut() -> F) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !done().await {
+        assert!(Instant::now() < deadline, "{what}");
+        tokio::task::yield_now().await;
+    }
+}
+
 fn claimed(attempts: u32, handbacks: u32) -> Claim {
     Claim::Claimed {
         attempts,
@@ -14,7 +29,7 @@ fn claimed(attempts: u32, handbacks: u32) -> Claim {
 #[tokio::test]
 async fn claim_lifecycle() {
     let dir = tempfile::tempdir().unwrap();
-    let s = Store::open(&dir.path().join("d.db"), LEASE, Box::new(|| {}));
+    let s = open(&dir.path().join("d.db"));
     assert_eq!(s.claim("k", "m1").await.unwrap(), claimed(0, 0));
     // A live holder works on it: its redelivery waits, another message is a duplicate.
     assert_eq!(s.claim("k", "m1").await.unwrap(), Claim::Busy);
@@ -57,10 +72,7 @@ async fn a_claim_whose_holder_stopped_renewing_is_taken_over_by_its_message_only
     // A lease far longer than the test: "live" must not depend on how soon a
     // busy machine schedules the renewals; expiry is seen through the clock
     // the claims are given (`later`).
-    let (a, b) = (
-        Store::open(&path, LEASE, Box::new(|| {})),
-        Store::open(&path, LEASE, Box::new(|| {})),
-    );
+    let (a, b) = (open(&path), open(&path));
     assert_eq!(a.claim("k", "m1").await.unwrap(), claimed(0, 0));
     let now = now_ms();
     // While the holder's lease runs, the other process waits.
@@ -83,21 +95,17 @@ async fn a_claim_whose_holder_stopped_renewing_is_taken_over_by_its_message_only
 async fn a_dropped_store_ends_its_lease() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("d.db");
-    let b = Store::open(&path, LEASE, Box::new(|| {}));
+    let b = open(&path);
     {
-        let a = Store::open(&path, LEASE, Box::new(|| {}));
+        let a = open(&path);
         assert_eq!(a.claim("k", "m1").await.unwrap(), claimed(0, 0));
         assert_eq!(b.claim("k", "m1").await.unwrap(), Claim::Busy);
     }
-    // The lease row goes when the thread ends; poll for it with a deadline.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        match b.claim("k", "m1").await.unwrap() {
-            Claim::Claimed { .. } => break,
-            other => assert!(Instant::now() < deadline, "still {other:?}"),
-        }
-        tokio::task::yield_now().await;
-    }
+    // The lease row goes when the thread ends.
+    until("the ended store's claim is still held", || async {
+        matches!(b.claim("k", "m1").await.unwrap(), Claim::Claimed { .. })
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -105,8 +113,8 @@ async fn concurrent_claims_have_one_winner() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("d.db");
     // Two stores = two connections, as two processes would have.
-    let a = Store::open(&path, LEASE, Box::new(|| {}));
-    let b = Store::open(&path, LEASE, Box::new(|| {}));
+    let a = open(&path);
+    let b = open(&path);
     let mut tasks = Vec::new();
     for i in 0..200 {
         let s = if i % 2 == 0 { a.clone() } else { b.clone() };
@@ -128,7 +136,7 @@ async fn concurrent_claims_have_one_winner() {
 #[tokio::test]
 async fn prune_removes_only_old_keys_and_never_a_live_claim() {
     let dir = tempfile::tempdir().unwrap();
-    let s = Store::open(&dir.path().join("d.db"), LEASE, Box::new(|| {}));
+    let s = open(&dir.path().join("d.db"));
     let long_ago = now_ms() - 3_600_000;
     s.done_at("old", long_ago).await.unwrap();
     s.claim_at("live", "m", long_ago).await.unwrap();
@@ -159,7 +167,7 @@ async fn pass(s: &Store, retention: Duration) -> usize {
 #[tokio::test]
 async fn a_prune_pass_walks_every_slice_and_keeps_what_is_young() {
     let dir = tempfile::tempdir().unwrap();
-    let s = Store::open(&dir.path().join("d.db"), LEASE, Box::new(|| {}));
+    let s = open(&dir.path().join("d.db"));
     let long_ago = now_ms() - 3_600_000;
     let n = PRUNE_SLICE * 2 + 300;
     let old: Vec<String> = (0..n).map(|i| format!("old{i}")).collect();
@@ -196,7 +204,7 @@ async fn a_prune_pass_walks_every_slice_and_keeps_what_is_young() {
 async fn a_remembered_key_takes_under_64_bytes_on_disk() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("d.db");
-    let s = Store::open(&path, LEASE, Box::new(|| {}));
+    let s = open(&path);
     let n = 50_000;
     for chunk in 0..10 {
         // Keys as long as a body-hash key: "source:" and 64 hex digits.
@@ -244,7 +252,7 @@ async fn files_of_earlier_releases_are_upgraded_in_place() {
             .unwrap()
             .execute_batch(&format!("{schema}{rows}"))
             .unwrap();
-        let s = Store::open(&path, LEASE, Box::new(|| {}));
+        let s = open(&path);
         assert_eq!(
             s.claim("done", "m").await.unwrap(),
             Claim::Done { at_ms: 5 }
@@ -381,7 +389,7 @@ async fn a_file_that_cannot_be_opened_fails_each_request_until_it_can() {
     let path = dir.path().join("d.db");
     // A directory where the file should be: SQLite cannot open it.
     std::fs::create_dir(&path).unwrap();
-    let s = Store::open(&path, LEASE, Box::new(|| {}));
+    let s = open(&path);
     let err = s.claim("k", "m1").await.unwrap_err();
     assert_eq!(err.path, path.display().to_string());
     assert!(s.prune(Duration::from_secs(60), None).await.is_err());
@@ -396,9 +404,9 @@ async fn a_file_that_cannot_be_opened_fails_each_request_until_it_can() {
 async fn a_partition_is_taken_by_one_live_process_at_a_time() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("d.db");
-    let b = Store::open(&path, LEASE, Box::new(|| {}));
+    let b = open(&path);
     {
-        let a = Store::open(&path, LEASE, Box::new(|| {}));
+        let a = open(&path);
         assert!(a.take_partition("p.done.0").await.unwrap());
         assert!(a.take_partition("p.done.0").await.unwrap(), "its own again");
         assert!(!b.take_partition("p.done.0").await.unwrap());
@@ -413,20 +421,16 @@ async fn a_partition_is_taken_by_one_live_process_at_a_time() {
         assert!(a.take_partition("p.done.0").await.unwrap());
     }
     // The holder's process ended (its lease row goes with its store): free.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !b.take_partition("p.done.0").await.unwrap() {
-        assert!(
-            Instant::now() < deadline,
-            "still held by a process that ended"
-        );
-        tokio::task::yield_now().await;
-    }
+    until("still held by a process that ended", || async {
+        b.take_partition("p.done.0").await.unwrap()
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn done_at_ms_reads_what_done_wrote() {
     let dir = tempfile::tempdir().unwrap();
-    let s = Store::open(&dir.path().join("d.db"), LEASE, Box::new(|| {}));
+    let s = open(&dir.path().join("d.db"));
     assert_eq!(s.done_at_ms("k").await.unwrap(), None);
     s.done_at("k", 77).await.unwrap();
     assert_eq!(s.done_at_ms("k").await.unwrap(), Some(77));
