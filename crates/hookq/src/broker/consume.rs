@@ -48,7 +48,7 @@ impl Broker {
         args: FieldTable,
     ) -> Result<Consumer, Error> {
         let session = self.session()?;
-        let channel = session.connection.create_channel().await?;
+        let channel = super::channel::open(&session.connection).await?;
         channel
             .basic_qos(prefetch, BasicQosOptions::default())
             .await?;
@@ -77,7 +77,7 @@ impl Broker {
     /// (shovel, dlq). Closing it hands back whatever it still holds, in order.
     pub async fn reader(&self) -> Result<Reader, Error> {
         let session = self.session()?;
-        let channel = session.connection.create_channel().await?;
+        let channel = super::channel::open(&session.connection).await?;
         Ok(Reader {
             channel,
             lost: CancellationToken::new(),

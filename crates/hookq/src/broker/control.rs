@@ -32,7 +32,7 @@ impl Broker {
     /// Opens a line on `P.control`.
     pub async fn control_line(&self) -> Result<ControlLine, Error> {
         let session = self.session()?;
-        let channel = session.connection.create_channel().await?;
+        let channel = super::channel::open(&session.connection).await?;
         let queue = channel
             .queue_declare(
                 "".into(),
@@ -96,7 +96,7 @@ impl Broker {
     /// Resumes a paused target: empties its pause queue.
     pub async fn resume_target(&self, queue_id: &str) -> Result<(), Error> {
         let session = self.session()?;
-        let ch = session.connection.create_channel().await?;
+        let ch = super::channel::open(&session.connection).await?;
         let queue = self.topology().paused(queue_id);
         ch.queue_purge(queue.as_str().into(), QueuePurgeOptions::default())
             .await?;
@@ -150,7 +150,7 @@ impl ControlLine {
             Some(ch) if ch.status().connected() => ch,
             _ => {
                 let session = self.broker.session()?;
-                session.connection.create_channel().await?
+                super::channel::open(&session.connection).await?
             }
         };
         match super::queues::passive_on(&ch, queue).await {

@@ -123,7 +123,7 @@ impl Broker {
     /// An offset past the stream's end waits until the stream gets there.
     pub async fn read_done(&self, partition: u32, from: Option<u64>) -> Result<DoneReader, Error> {
         let session = self.session()?;
-        let channel = session.connection.create_channel().await?;
+        let channel = super::channel::open(&session.connection).await?;
         channel
             .basic_qos(READ_PREFETCH, BasicQosOptions::default())
             .await?;

@@ -20,6 +20,7 @@
 //! every name and argument.
 
 mod acks;
+pub mod channel;
 pub mod codec;
 mod consume;
 mod control;

@@ -98,7 +98,7 @@ impl Broker {
 
     async fn passive(&self, queue: &str) -> Result<lapin::Queue, Error> {
         let session = self.session()?;
-        let ch = session.connection.create_channel().await?;
+        let ch = super::channel::open(&session.connection).await?;
         let q = passive_on(&ch, queue).await?;
         let _ = ch.close(200, "done".into()).await;
         Ok(q)
@@ -114,7 +114,7 @@ impl Broker {
     /// laid out another way, say).
     pub async fn delete(&self, topology: &Topology) -> Result<(), Error> {
         let session = self.session()?;
-        let ch = session.connection.create_channel().await?;
+        let ch = super::channel::open(&session.connection).await?;
         for q in topology.queues() {
             ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default())
                 .await?;

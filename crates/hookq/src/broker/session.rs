@@ -55,7 +55,7 @@ pub(super) async fn establish(
     topology::declare(&connection, topo).await?;
     let mut publishers = Vec::with_capacity(PUBLISHER_CHANNELS);
     for _ in 0..PUBLISHER_CHANNELS {
-        let c = connection.create_channel().await?;
+        let c = super::channel::open(&connection).await?;
         c.confirm_select(ConfirmSelectOptions::default()).await?;
         publishers.push(c);
     }

@@ -1,7 +1,8 @@
 //! What differs between RabbitMQ 3.10 and 4.x, checked on the broker under
 //! test: the quorum delivery limit on the work queues, dead-letter reads that
 //! a 4.x quorum queue counts, a done-log declared under another retention,
-//! and a topology declared on 3.10 taken over by 4.x.
+//! a topology declared on 3.10 taken over by 4.x, and channel ids that wrap
+//! past one the broker closed.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -209,4 +210,36 @@ async fn a_topology_declared_on_3_10_works_on_4() {
     }
     wait_until(T, "delivered on 4.x", || async { target.count() == 4 }).await;
     eprintln!("upgrade: {queues} queues declared on 3.10, imported into 4.x, hookq runs over them");
+}
+
+/// A channel the broker closed (a passive declaration of a missing queue, as
+/// the topology's probes make at every start) leaves its error in lapin under
+/// its id; when the ids wrap (2,047 on RabbitMQ) the channel that gets it
+/// failed to open with that old NOT_FOUND. `broker::channel::open` takes the
+/// next id: every open succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn channel_ids_wrap_past_one_the_broker_closed() {
+    use lapin::options::QueueDeclareOptions;
+    use lapin::types::FieldTable;
+    let conn = lapin::Connection::connect(support::amqp_url(), Default::default())
+        .await
+        .unwrap();
+    let max = usize::from(conn.configuration().channel_max());
+    let probe = conn.create_channel().await.unwrap();
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    let missing = format!("hookq-test-missing-{}", uuid::Uuid::now_v7());
+    let closed = probe
+        .queue_declare(missing.as_str().into(), passive, FieldTable::default())
+        .await;
+    assert!(closed.is_err(), "{missing} exists");
+    for i in 0..max + 10 {
+        let ch = hookq::broker::channel::open(&conn)
+            .await
+            .unwrap_or_else(|e| panic!("channel {i} of {max}: {e}"));
+        ch.close(200, "done".into()).await.unwrap();
+    }
+    conn.close(200, "done".into()).await.unwrap();
 }

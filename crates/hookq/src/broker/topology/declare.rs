@@ -129,8 +129,7 @@ async fn probe(connection: &Connection, queue: &str) -> Result<Option<(u32, u32)
 }
 
 async fn open(connection: &Connection) -> Result<Channel, Error> {
-    connection
-        .create_channel()
+    crate::broker::channel::open(connection)
         .await
         .map_err(|cause| Error::Broker {
             what: "a channel for declaring".into(),
